@@ -1,7 +1,23 @@
-"""sparse_opd_peft: sparse on-policy-distillation adapters as a PEFT method."""
+"""sparse_opd_peft: sparse on-policy-distillation adapters as a PEFT method.
+
+Importing the package registers the ``SPARSE_OPD`` method with peft, so that ``peft.get_peft_model(model,
+SparseOPDConfig(mask=...))`` and ``PeftModel.from_pretrained(base, path)`` work.
+"""
 
 from .masks import SparseMask
 from .module_types import layer_index, module_type
+from .tuner import PEFT_TYPE, SparseOPDConfig, SparseOPDModel, bf16_visibility
+from .visibility import visible_update
 
 __version__ = "0.1.0"
-__all__ = ["SparseMask", "layer_index", "module_type", "__version__"]
+__all__ = [
+    "PEFT_TYPE",
+    "SparseMask",
+    "SparseOPDConfig",
+    "SparseOPDModel",
+    "__version__",
+    "bf16_visibility",
+    "layer_index",
+    "module_type",
+    "visible_update",
+]

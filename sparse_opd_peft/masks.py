@@ -34,7 +34,9 @@ def _check_bool_mask(name: str, value) -> torch.Tensor:
         raise TypeError(f"mask for module '{name}': expected a bool torch.Tensor, got {type(value).__name__}")
     if value.dtype != torch.bool:
         if value.dtype.is_floating_point and torch.isnan(value).any():
-            raise ValueError(f"mask for module '{name}' contains NaN; build it as a bool tensor (e.g. `delta.abs() > t`)")
+            raise ValueError(
+                f"mask for module '{name}' contains NaN; build it as a bool tensor (e.g. `delta.abs() > t`)"
+            )
         raise ValueError(
             f"mask for module '{name}' has dtype {value.dtype}; masks must be bool tensors (use `mask != 0` or `.bool()`)"
         )

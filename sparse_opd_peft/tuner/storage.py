@@ -67,7 +67,9 @@ def validate_flat_indices(indices: torch.Tensor, numel: int, where: str) -> torc
         ValueError: naming ``where`` (module or file) on out-of-range, duplicate or unsorted indices.
     """
     if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-        raise ValueError(f"{where}: coordinates must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}")
+        raise ValueError(
+            f"{where}: coordinates must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}"
+        )
     idx = indices.long()
     if idx.numel() == 0:
         raise ValueError(f"{where}: the adapter has no coordinates (empty mask); drop this module from the mask")
@@ -97,8 +99,16 @@ def unpack_coordinates(kind: str, tensor: torch.Tensor, numel: int, where: str) 
     raise ValueError(f"{where}: unknown coordinate encoding {kind!r} (expected 'bitmask' or 'indices')")
 
 
+def _bf16_sha256(values: torch.Tensor) -> str:
+    """SHA-256 of the bfloat16 bit patterns of ``values``: the same base stored in float32, bfloat16 or float16
+    (rounded from one float32 original) hashes alike."""
+    bits = values.detach().to(torch.bfloat16).view(torch.int16).cpu().contiguous()
+    return hashlib.sha256(bits.numpy().tobytes()).hexdigest()
+
+
 def weight_fingerprint(weight: torch.Tensor, full: bool = False) -> dict:
-    """Fingerprint of a base weight: shape, dtype and a SHA-256 of a fixed strided sample (or of all entries).
+    """Fingerprint of a base weight: shape, dtype and a SHA-256 of a fixed strided sample (or of all entries),
+    hashed as bfloat16 bit patterns so that a float32 checkpoint and its bf16 copy match.
 
     Args:
         weight: a dense float tensor of any shape (quantized bitsandbytes weights are fingerprinted by shape only).
@@ -115,10 +125,9 @@ def weight_fingerprint(weight: torch.Tensor, full: bool = False) -> dict:
     n = flat.numel()
     if n:
         pos = torch.linspace(0, n - 1, min(n, FINGERPRINT_SAMPLES), device=flat.device).round().long()
-        sample = flat[pos].float().cpu().contiguous()
-        info["sample_sha256"] = hashlib.sha256(sample.numpy().tobytes()).hexdigest()[:32]
+        info["sample_sha256"] = _bf16_sha256(flat[pos])[:32]
         if full:
-            info["full_sha256"] = hashlib.sha256(flat.float().cpu().contiguous().numpy().tobytes()).hexdigest()
+            info["full_sha256"] = _bf16_sha256(flat)
     return info
 
 

@@ -1,0 +1,109 @@
+"""``SparseOPDConfig``: the PEFT config of the sparse on-policy-distillation adapter."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import PEFT_TYPE
+
+SAVE_DTYPES = ("float32", "bfloat16", "float16")
+GRAD_PATHS = ("auto", "dense_rows", "gather")
+CONFIG_FORMAT_VERSION = 1
+# Fields that hold tensors or objects at construction time; they never reach adapter_config.json.
+RUNTIME_ONLY_FIELDS = ("mask", "subspace", "exclude")
+
+
+@dataclass
+class SparseOPDConfig(PeftConfig):
+    """Configuration of a sparse OPD adapter: train exactly the coordinates of a mask (and/or a fixed subspace).
+
+    Per targeted Linear of weight shape (out, in), the adapter trains ``values`` (1-D, one float32 per masked
+    coordinate, zero-initialised) and, with a subspace, ``coeff`` (out, r) against a fixed basis (in, r), so that
+    ``ΔW = scatter(values) + coeff @ basis.T``. The wrapped model starts identical to the base.
+
+    Args:
+        mask: a :class:`~sparse_opd_peft.SparseMask`, a dict ``{module_name: bool tensor (out, in)}``, or a path to
+            a saved mask. The targeted modules are the mask's modules (and the subspace's), narrowed by
+            ``target_modules`` when given. Consumed by ``get_peft_model``: afterwards the config keeps only JSON-able
+            metadata (``module_nnz``, densities, ``mask_metadata``).
+        subspace: ``{module_name: float tensor (in, r)}`` with (ideally orthonormal) columns, or a path to a
+            safetensors file of them. Every update of that module then lies in the row space of the basis.
+        exclude: coordinates that must not be trained (continual post-training churn budget): a mask in any of the
+            forms ``mask`` accepts; removed from ``mask`` before injection.
+        target_modules: optional narrowing of the mask's modules (list of names / suffixes, or a regex string).
+        init_weights: zero-initialise ``values`` and ``coeff`` (identity adapter). ``False`` draws small random
+            values, for tests.
+        save_dtype: dtype of ``values``/``coeff`` in ``adapter_model.safetensors``: ``"float32"`` (default, for
+            resuming training) or ``"bfloat16"`` / ``"float16"`` (for sharing).
+        check_fingerprint: on load, verify that the base weights match the recorded fingerprint.
+        fingerprint_full: also hash every entry of each targeted weight (slower) instead of a strided sample.
+        grad_path: how ``d values`` is computed: ``"dense_rows"`` (row blocks of ``dyᵀx`` then a gather),
+            ``"gather"`` (per-coordinate products, never forms a dense block) or ``"auto"`` (by density).
+        grad_block_bytes: memory bound of one dense row block in the backward pass.
+    """
+
+    mask: Optional[Any] = field(default=None, metadata={"help": "SparseMask, {name: bool tensor} or path."})
+    subspace: Optional[Any] = field(default=None, metadata={"help": "{name: (in, r) basis} or path."})
+    exclude: Optional[Any] = field(default=None, metadata={"help": "Coordinates never to train (churn budget)."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Optional narrowing of the mask's modules."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None, metadata={"help": "Modules to skip."})
+    target_parameters: Optional[list[str]] = field(default=None, metadata={"help": "Unsupported; keep None."})
+    modules_to_save: Optional[list[str]] = field(default=None, metadata={"help": "Extra fully trained modules."})
+    init_weights: bool = field(default=True, metadata={"help": "Zero-initialise the adapter (identity)."})
+    save_dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 on disk."})
+    check_fingerprint: bool = field(default=True, metadata={"help": "Verify the base weights on load."})
+    fingerprint_full: bool = field(default=False, metadata={"help": "Hash whole weights, not a sample."})
+    grad_path: str = field(default="auto", metadata={"help": "auto | dense_rows | gather."})
+    grad_block_bytes: int = field(default=64 * 2**20, metadata={"help": "Bound of a backward row block."})
+    # ---- JSON-able metadata, filled by get_peft_model and read back by PeftModel.from_pretrained
+    module_nnz: dict[str, int] = field(default_factory=dict)
+    module_rank: dict[str, int] = field(default_factory=dict)
+    module_shapes: dict[str, list[int]] = field(default_factory=dict)
+    fingerprint: dict[str, dict] = field(default_factory=dict)
+    mask_metadata: dict = field(default_factory=dict)
+    density: Optional[float] = None
+    density_by_type: dict[str, float] = field(default_factory=dict)
+    format_version: int = CONFIG_FORMAT_VERSION
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = PEFT_TYPE
+        if self.save_dtype not in SAVE_DTYPES:
+            raise ValueError(f"SparseOPDConfig.save_dtype must be one of {SAVE_DTYPES}, got {self.save_dtype!r}")
+        if self.grad_path not in GRAD_PATHS:
+            raise ValueError(f"SparseOPDConfig.grad_path must be one of {GRAD_PATHS}, got {self.grad_path!r}")
+        if self.target_parameters:
+            raise ValueError("SparseOPDConfig does not support target_parameters; mask Linear modules instead")
+        if int(self.format_version) > CONFIG_FORMAT_VERSION:
+            raise ValueError(
+                f"adapter_config.json has sparse_opd format_version {self.format_version}, newer than this "
+                f"sparse_opd_peft supports ({CONFIG_FORMAT_VERSION}); upgrade sparse_opd_peft"
+            )
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if self.mask is None and self.subspace is None and not self.module_nnz and not self.module_rank:
+            warnings.warn(
+                "SparseOPDConfig has neither a mask nor a subspace; get_peft_model will fail until one is given",
+                stacklevel=2,
+            )
+
+    def to_dict(self) -> dict:
+        """JSON-able dict of the config. Runtime-only fields (mask, subspace, exclude) become None, or their path
+        string when they were given as a path."""
+        out = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in RUNTIME_ONLY_FIELDS:
+                value = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
+            else:
+                value = copy.deepcopy(value)
+            out[f.name] = value
+        return out

@@ -1,0 +1,264 @@
+"""``SparseOPDLayer`` and its ``Linear``: trainable values at fixed coordinates (+ an optional fixed subspace).
+
+Per adapter ``a`` of a Linear with weight (out, in):
+
+* ``sparse_opd_values[a]``  - trainable 1-D parameter (nnz,), float32 while training, zero-initialised;
+* ``sparse_opd_indices[a]`` - persistent buffer of sorted flat indices (nnz,), int32 (int64 if out·in >= 2³¹);
+* ``sparse_opd_coeff[a]``   - trainable (out, r), zero-initialised (only with a subspace);
+* ``sparse_opd_basis[a]``   - persistent fixed buffer (in, r), float32 (only with a subspace).
+
+``ΔW = scatter(values) + coeff @ basisᵀ``. Plain Linear bases compute ``x (W + ΔW)ᵀ + b`` through one custom
+autograd function; bitsandbytes 8-bit / 4-bit bases compute ``base(x) + x ΔWᵀ``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from ..visibility import visible_update
+from . import bnb
+from .sparse_matmul import DeltaSpec, dense_delta, sparse_delta_linear
+from .storage import index_dtype
+
+
+class SparseOPDLayer(BaseTunerLayer):
+    """Adapter state shared by every layer type (see module docstring)."""
+
+    adapter_layer_names = ("sparse_opd_values", "sparse_opd_coeff")
+    other_param_names = ("sparse_opd_indices", "sparse_opd_basis")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.sparse_opd_values = nn.ParameterDict({})
+        self.sparse_opd_coeff = nn.ParameterDict({})
+        self.sparse_opd_indices = BufferDict(persistent=True)
+        self.sparse_opd_basis = BufferDict(persistent=True)
+        self.sparse_opd_grad_path: dict[str, str] = {}
+        self.sparse_opd_block_bytes: dict[str, int] = {}
+        self._merge_backup: dict[str, Any] = {}
+        self.last_merge_report: dict[str, dict] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        base = self.get_base_layer()
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    @property
+    def numel(self) -> int:
+        """Number of entries of the base weight (out * in)."""
+        return self.out_features * self.in_features
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        indices: Optional[torch.Tensor] = None,
+        nnz: int = 0,
+        basis: Optional[torch.Tensor] = None,
+        rank: int = 0,
+        init_weights: bool = True,
+        inference_mode: bool = False,
+        grad_path: str = "auto",
+        block_bytes: int = 64 * 2**20,
+    ) -> None:
+        """Create adapter ``adapter_name``.
+
+        Args:
+            indices: validated sorted flat int64 indices (nnz,), or None to allocate a placeholder of length ``nnz``
+                that ``load_state_dict`` fills (loading a saved adapter).
+            nnz: number of coordinates when ``indices`` is None.
+            basis: fixed (in, r) float basis, or None for a placeholder of rank ``rank`` (or no subspace if 0).
+            init_weights: zeros (identity adapter) when True, small random values otherwise.
+        """
+        weight = self.get_base_layer().weight
+        device = weight.device if weight.device.type != "meta" else torch.device("cpu")
+        if indices is not None:
+            nnz = int(indices.numel())
+        if nnz:
+            if indices is None:
+                indices = torch.zeros(nnz, dtype=torch.long)
+            self.sparse_opd_indices[adapter_name] = indices.to(device=device, dtype=index_dtype(self.numel))
+            values = torch.zeros(nnz, dtype=torch.float32, device=device)
+            if not init_weights:
+                values.normal_(std=1e-2)
+            self.sparse_opd_values[adapter_name] = nn.Parameter(values)
+        if basis is not None:
+            rank = int(basis.shape[1])
+        if rank:
+            if basis is None:
+                basis = torch.zeros(self.in_features, rank)
+            self.sparse_opd_basis[adapter_name] = basis.to(device=device, dtype=torch.float32).contiguous()
+            coeff = torch.zeros(self.out_features, rank, dtype=torch.float32, device=device)
+            if not init_weights:
+                coeff.normal_(std=1e-2)
+            self.sparse_opd_coeff[adapter_name] = nn.Parameter(coeff)
+        self.sparse_opd_grad_path[adapter_name] = grad_path
+        self.sparse_opd_block_bytes[adapter_name] = block_bytes
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move this adapter's tensors to the base layer's device. Values / coeff follow peft's dtype rule (they are
+        upcast to float32 afterwards by ``autocast_adapter_dtype``); indices and the basis never change dtype."""
+        weight = self.get_base_layer().weight
+        target = device or weight.device
+        if target.type == "meta":
+            return
+        for container in (self.sparse_opd_indices, self.sparse_opd_basis):
+            if adapter_name in container:
+                container[adapter_name] = container[adapter_name].to(target)
+        float_base = weight.dtype.is_floating_point
+        for container in (self.sparse_opd_values, self.sparse_opd_coeff):
+            if adapter_name in container:
+                param = container[adapter_name]
+                dtype = weight.dtype if float_base else param.dtype
+                container[adapter_name] = nn.Parameter(param.data.to(target, dtype=dtype), param.requires_grad)
+
+    def _delta_parts(self, adapter_names: list[str]) -> tuple[tuple[DeltaSpec, ...], tuple[torch.Tensor, ...]]:
+        specs, tensors = [], []
+        for name in adapter_names:
+            sparse, sub = name in self.sparse_opd_values, name in self.sparse_opd_coeff
+            if not (sparse or sub):
+                continue
+            specs.append(DeltaSpec(sparse, sub))
+            if sparse:
+                tensors += [self.sparse_opd_values[name], self.sparse_opd_indices[name]]
+            if sub:
+                tensors += [self.sparse_opd_coeff[name], self.sparse_opd_basis[name]]
+        return tuple(specs), tuple(tensors)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Dense float32 ΔW (out, in) of one adapter (a temporary; the layer never stores it)."""
+        specs, tensors = self._delta_parts([adapter_name])
+        if not specs:
+            raise KeyError(f"adapter '{adapter_name}' is not present in this layer")
+        with torch.no_grad():
+            return dense_delta((self.out_features, self.in_features), specs, tuple(t.detach() for t in tensors))
+
+    def delta_visibility(self, adapter_name: str) -> dict:
+        """bf16 visibility of one adapter's delta: ``{"coords": n, "visible": k}`` where a coordinate is visible iff
+        ``bf16(w0 + δ) != bf16(w0)`` (bit patterns); coordinates are the mask's (all entries with a subspace)."""
+        w0 = bnb.dequantize(self.get_base_layer()).reshape(-1)
+        delta = self.get_delta_weight(adapter_name).reshape(-1)
+        if adapter_name in self.sparse_opd_coeff:
+            coords = torch.arange(w0.numel(), device=w0.device)
+        else:
+            coords = self.sparse_opd_indices[adapter_name].long()
+        visible = visible_update(w0[coords], delta[coords])
+        return {"coords": int(coords.numel()), "visible": int(visible.sum())}
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold adapters into the base weight: ``W <- dtype(float32(W) + ΔW)``, one rounding.
+
+        The original entries at the touched coordinates (the whole weight with a subspace, or the quantized
+        parameter for bitsandbytes bases) are kept so that :meth:`unmerge` is bit-exact.
+        ``self.last_merge_report[adapter]`` records the bf16 visibility (float bases) or the share of the delta
+        that survived requantization (bitsandbytes bases).
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            if name not in self.sparse_opd_values and name not in self.sparse_opd_coeff:
+                continue
+            delta = self.get_delta_weight(name)
+            if safe_merge and not torch.isfinite(delta).all():
+                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+            if bnb.quantized_kind(base) is not None:
+                self._merge_quantized(name, base, delta)
+            else:
+                self._merge_dense(name, base, delta)
+            self.merged_adapters.append(name)
+
+    def _merge_dense(self, name: str, base: nn.Module, delta: torch.Tensor) -> None:
+        weight = base.weight
+        flat = weight.data.view(-1)
+        if name in self.sparse_opd_coeff:
+            coords = None
+            backup = weight.data.clone()
+            d = delta.view(-1)
+        else:
+            coords = self.sparse_opd_indices[name].long()
+            backup = flat[coords].clone()
+            d = delta.view(-1)[coords]
+        old = backup.reshape(-1).to(torch.float32)
+        new = (old + d).to(weight.dtype)
+        visible = visible_update(old, d)
+        if coords is None:
+            weight.data.copy_(new.view_as(weight))
+        else:
+            flat[coords] = new
+        self._merge_backup[name] = (coords, backup)
+        self.last_merge_report[name] = {"coords": int(visible.numel()), "visible": int(visible.sum())}
+
+    def _merge_quantized(self, name: str, base: nn.Module, delta: torch.Tensor) -> None:
+        before = bnb.dequantize(base)
+        old_param = bnb.requantize(base, before + delta.to(before.device))
+        realized = bnb.dequantize(base) - before
+        d = delta.to(realized.device)
+        energy = float((realized * d).sum() / (d * d).sum().clamp_min(1e-30))
+        if name in self.sparse_opd_coeff:
+            changed, coords = realized.ne(0), self.numel
+        else:
+            idx = self.sparse_opd_indices[name].long()
+            changed, coords = realized.view(-1)[idx].ne(0), int(idx.numel())
+        self._merge_backup[name] = ("quantized", old_param)
+        self.last_merge_report[name] = {
+            "coords": coords,
+            "changed": int(changed.sum()),
+            "survived_energy_share": energy,
+            "relative_error": float((realized - d).norm() / d.norm().clamp_min(1e-30)),
+        }
+
+    def unmerge(self) -> None:
+        """Undo merges in reverse order, restoring the saved original entries bit-exactly."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            coords, backup = self._merge_backup.pop(name)
+            if isinstance(coords, str):
+                bnb.restore(base, backup)
+            elif coords is None:
+                base.weight.data.copy_(backup)
+            else:
+                base.weight.data.view(-1)[coords] = backup
+
+
+class Linear(nn.Module, SparseOPDLayer):
+    """Sparse OPD adapter around ``torch.nn.Linear`` or a bitsandbytes ``Linear8bitLt`` / ``Linear4bit``."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
+        super().__init__()
+        SparseOPDLayer.__init__(self, base_layer)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, **kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """x: (..., in) -> (..., out); the base layer's output plus every active adapter's ``x ΔWᵀ``."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        specs, tensors = self._delta_parts(list(self.active_adapters))
+        if not specs:
+            return self.base_layer(x, *args, **kwargs)
+        first = next(a for a in self.active_adapters if a in self.sparse_opd_grad_path)
+        path, block = self.sparse_opd_grad_path[first], self.sparse_opd_block_bytes[first]
+        base = self.get_base_layer()
+        shape = (self.out_features, self.in_features)
+        if bnb.quantized_kind(base) is not None:
+            result = self.base_layer(x, *args, **kwargs)
+            delta_in = x.to(result.dtype) if x.dtype != result.dtype else x
+            return result + sparse_delta_linear(delta_in, None, None, specs, tensors, shape, path, block)
+        return sparse_delta_linear(x, base.weight, base.bias, specs, tensors, shape, path, block)
+
+    def __repr__(self) -> str:
+        return "sparse_opd." + super().__repr__()

@@ -1,0 +1,208 @@
+"""Turn a ``SparseOPDConfig`` (mask / subspace / exclude, or saved metadata) into a per-module injection plan,
+validated against the model *before* any module is replaced, so that bad input leaves the model untouched."""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..module_types import MODULE_TYPES, module_type
+from . import bnb
+from .storage import fingerprint_mismatch, load_safetensors_checked, weight_fingerprint
+
+
+@dataclass
+class ModulePlan:
+    """What one targeted module gets: coordinates (or a placeholder length) and a basis (or a placeholder rank)."""
+
+    indices: torch.Tensor | None
+    nnz: int
+    basis: torch.Tensor | None
+    rank: int
+
+
+def load_subspace_arg(value) -> dict[str, torch.Tensor]:
+    """Accept ``{module_name: (in, r) tensor}`` or a path to a safetensors file of such tensors."""
+    if isinstance(value, (str, os.PathLike)):
+        tensors, _ = load_safetensors_checked(value)
+        return {k[: -len(".weight")] if k.endswith(".weight") else k: v for k, v in tensors.items()}
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"subspace must be a dict {{module_name: (in, r) tensor}} or a path, got {type(value).__name__}")
+
+
+def _matches(target_modules, name: str) -> bool:
+    if target_modules is None:
+        return True
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == t or name.endswith("." + t) for t in target_modules)
+
+
+def _base_linear(module: nn.Module) -> nn.Module:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or bnb.quantized_kind(module) is not None
+
+
+def build_plan(config, model: nn.Module) -> tuple[dict[str, ModulePlan], dict]:
+    """Validate ``config`` against ``model`` and return ``(plan, metadata_updates)``; raises before any change.
+
+    Raises:
+        ValueError / TypeError: unknown module, non-Linear module, wrong mask or basis shape, non-finite basis,
+            empty mask, fingerprint mismatch (each names the module and the fix).
+    """
+    from ..masks import SparseMask  # lazy: masks imports tuner.storage
+
+    modules = dict(model.named_modules())
+    loading = config.mask is None and config.subspace is None
+    if loading and not (config.module_nnz or config.module_rank):
+        raise ValueError(
+            "SparseOPDConfig needs `mask=` (a SparseMask, {module_name: bool tensor} or a path) and/or `subspace=`"
+        )
+    plan: dict[str, ModulePlan] = {}
+    meta: dict = {}
+    if loading:
+        for name in sorted(set(config.module_nnz) | set(config.module_rank)):
+            plan[name] = ModulePlan(
+                None, int(config.module_nnz.get(name, 0)), None, int(config.module_rank.get(name, 0))
+            )
+    else:
+        mask = SparseMask.coerce(config.mask) if config.mask is not None else None
+        if mask is not None and config.exclude is not None:
+            mask = _apply_exclude(mask, SparseMask.coerce(config.exclude))
+        basis = load_subspace_arg(config.subspace) if config.subspace is not None else {}
+        names = sorted(set(mask or {}) | set(basis))
+        names = [n for n in names if _matches(config.target_modules, n) and not _excluded(config, n)]
+        if not names:
+            raise ValueError(
+                f"no module left to adapt: the mask/subspace modules do not match target_modules={config.target_modules!r}"
+            )
+        for name in names:
+            idx = mask.indices(name) if mask is not None and name in mask else None
+            b = basis.get(name)
+            plan[name] = ModulePlan(idx, 0 if idx is None else int(idx.numel()), b, 0 if b is None else int(b.shape[1]))
+        meta["mask_metadata"] = dict(mask.metadata) if mask is not None else {}
+        if isinstance(config.mask, (str, os.PathLike)):
+            meta["mask_metadata"].setdefault("path", os.fspath(config.mask))
+    _validate_against_model(plan, modules, mask if not loading else None)
+    meta.update(_metadata(config, plan, modules, loading))
+    return plan, meta
+
+
+def _excluded(config, name: str) -> bool:
+    ex = config.exclude_modules
+    if not ex:
+        return False
+    if isinstance(ex, str):
+        return re.fullmatch(ex, name) is not None
+    return any(name == e or name.endswith("." + e) for e in ex)
+
+
+def _apply_exclude(mask, exclude):
+    from ..masks import SparseMask
+
+    entries = {}
+    for name in mask:
+        idx = mask.indices(name)
+        if name in exclude:
+            if exclude.shape(name) != mask.shape(name):
+                raise ValueError(
+                    f"exclude mask for module '{name}' has shape {exclude.shape(name)}, mask has {mask.shape(name)}"
+                )
+            idx = idx[~torch.isin(idx, exclude.indices(name))]
+        if idx.numel():
+            entries[name] = (mask.shape(name), idx)
+    if not entries:
+        raise ValueError("every coordinate of the mask is excluded; nothing is left to train (loosen the churn budget)")
+    return SparseMask.from_indices(
+        entries, {**mask.metadata, "excluded_coordinates": mask.nnz() - sum(e[1].numel() for e in entries.values())}
+    )
+
+
+def _validate_against_model(plan: dict[str, ModulePlan], modules: dict[str, nn.Module], mask) -> None:
+    for name, entry in plan.items():
+        if name not in modules:
+            close = [m for m in modules if m.endswith(name.split(".")[-1])][:3]
+            hint = f" (modules with that suffix: {close})" if close else ""
+            raise ValueError(
+                f"module '{name}' from the mask/subspace is not in the model{hint}; mask names must be full module "
+                "names as in model.named_modules(), relative to the model you pass to get_peft_model"
+            )
+        base = _base_linear(modules[name])
+        if not _is_linear(base):
+            raise ValueError(
+                f"module '{name}' is a {type(base).__name__}, not a Linear layer; SparseOPD adapts torch.nn.Linear "
+                "(and bitsandbytes Linear8bitLt / Linear4bit) only: remove it from the mask"
+            )
+        out_f, in_f = base.out_features, base.in_features
+        if mask is not None and name in mask and mask.shape(name) != (out_f, in_f):
+            raise ValueError(
+                f"mask for module '{name}' has shape {mask.shape(name)} but the weight is {(out_f, in_f)}; "
+                "build the mask from this model's checkpoints"
+            )
+        if entry.basis is not None:
+            b = entry.basis
+            if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.shape[0] != in_f or b.shape[1] < 1:
+                shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+                raise ValueError(
+                    f"subspace basis for module '{name}' must be (in_features={in_f}, r) with r >= 1, got {shape}"
+                )
+            if not b.dtype.is_floating_point or not torch.isfinite(b).all():
+                raise ValueError(f"subspace basis for module '{name}' must be finite floats (got {b.dtype} / NaN/inf)")
+
+
+def _metadata(config, plan: dict[str, ModulePlan], modules: dict[str, nn.Module], loading: bool) -> dict:
+    shapes, fingerprints, warned = {}, {}, False
+    for name in plan:
+        base = _base_linear(modules[name])
+        shapes[name] = [base.out_features, base.in_features]
+        quantized = bnb.quantized_kind(base) is not None
+        fp = weight_fingerprint(base.weight, full=config.fingerprint_full and not quantized)
+        fp["shape"] = shapes[name]
+        expected = config.fingerprint.get(name)
+        if expected and config.check_fingerprint:
+            if quantized:
+                expected = {"shape": expected.get("shape")}
+                if not warned:
+                    warnings.warn(
+                        "quantized base: the adapter fingerprint is checked on weight shapes only", stacklevel=4
+                    )
+                    warned = True
+            diff = fingerprint_mismatch(expected, fp)
+            if diff:
+                raise ValueError(
+                    f"base model mismatch at module '{name}': {diff}. This adapter was trained on a different base; "
+                    "load the matching base model, or pass check_fingerprint=False "
+                    "(PeftModel.from_pretrained(..., config=...) / SparseOPDConfig) to load it anyway"
+                )
+        fingerprints[name] = expected if (expected and loading) else fp
+    if loading:
+        return {"module_shapes": shapes, "fingerprint": fingerprints}
+    nnz = {n: p.nnz for n, p in plan.items() if p.nnz}
+    rank = {n: p.rank for n, p in plan.items() if p.rank}
+    total = sum(shapes[n][0] * shapes[n][1] for n in nnz) or 1
+    by_type = {}
+    for kind in MODULE_TYPES:
+        names = [n for n in nnz if module_type(n) == kind]
+        numel = sum(shapes[n][0] * shapes[n][1] for n in names)
+        if numel:
+            by_type[kind] = sum(nnz[n] for n in names) / numel
+    return {
+        "module_nnz": nnz,
+        "module_rank": rank,
+        "module_shapes": shapes,
+        "fingerprint": fingerprints,
+        "density": sum(nnz.values()) / total if nnz else None,
+        "density_by_type": by_type,
+    }
