@@ -23,17 +23,24 @@ def dequantize(layer: nn.Module) -> torch.Tensor:
     return dequantize_bnb_weight(layer.weight, state=state).to(torch.float32)
 
 
-def requantize(layer: nn.Module, dense: torch.Tensor) -> nn.Parameter:
-    """Replace ``layer.weight`` by the quantization of ``dense`` (float (out, in)); return the old parameter so
-    that an exact unmerge can put it back."""
+def requantize(layer: nn.Module, dense: torch.Tensor) -> dict:
+    """Replace ``layer.weight`` by the quantization of ``dense`` (float (out, in)).
+
+    Returns everything needed for :func:`restore` to put the old quantized state back bit-exactly (the old
+    parameter and, for 8-bit layers, the ``CB`` / ``SCB`` tensors bitsandbytes moves between weight and state).
+    """
     import bitsandbytes as bnb
 
     old = layer.weight
     kind = quantized_kind(layer)
+    backup = {"weight": old, "data": old.data}
     if kind == "8bit":
+        state = layer.state
+        backup.update(w_cb=getattr(old, "CB", None), w_scb=getattr(old, "SCB", None), s_cb=state.CB, s_scb=state.SCB)
         new = bnb.nn.Int8Params(dense.to("cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights)
         layer.weight = new.to(old.device)
-        layer.state.reset_grads()
+        state.reset_grads()
+        state.CB, state.SCB = None, None
     elif kind == "4bit":
         kwargs = {k: v for k, v in old.__dict__.items() if not k.startswith("_")}
         kwargs.pop("data", None)
@@ -44,13 +51,15 @@ def requantize(layer: nn.Module, dense: torch.Tensor) -> nn.Parameter:
         layer.weight = new.to(old.device)
     else:
         raise TypeError(f"requantize: {type(layer).__name__} has no bitsandbytes weight")
-    return old
+    return backup
 
 
-def restore(layer: nn.Module, old: nn.Parameter) -> None:
-    """Put back a quantized weight returned by :func:`requantize` (bit-exact unmerge)."""
+def restore(layer: nn.Module, backup: dict) -> None:
+    """Put back the quantized state saved by :func:`requantize` (bit-exact unmerge)."""
+    old = backup["weight"]
+    old.data = backup["data"]
     layer.weight = old
     if quantized_kind(layer) == "8bit":
+        old.CB, old.SCB = backup["w_cb"], backup["w_scb"]
         layer.state.reset_grads()
-        layer.state.SCB = getattr(old, "SCB", layer.state.SCB)
-        layer.state.CB = getattr(old, "CB", None)
+        layer.state.CB, layer.state.SCB = backup["s_cb"], backup["s_scb"]

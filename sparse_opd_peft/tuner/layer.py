@@ -196,7 +196,7 @@ class SparseOPDLayer(BaseTunerLayer):
 
     def _merge_quantized(self, name: str, base: nn.Module, delta: torch.Tensor) -> None:
         before = bnb.dequantize(base)
-        old_param = bnb.requantize(base, before + delta.to(before.device))
+        backup = bnb.requantize(base, before + delta.to(before.device))
         realized = bnb.dequantize(base) - before
         d = delta.to(realized.device)
         energy = float((realized * d).sum() / (d * d).sum().clamp_min(1e-30))
@@ -205,7 +205,7 @@ class SparseOPDLayer(BaseTunerLayer):
         else:
             idx = self.sparse_opd_indices[name].long()
             changed, coords = realized.view(-1)[idx].ne(0), int(idx.numel())
-        self._merge_backup[name] = ("quantized", old_param)
+        self._merge_backup[name] = ("quantized", backup)
         self.last_merge_report[name] = {
             "coords": coords,
             "changed": int(changed.sum()),

@@ -132,6 +132,11 @@ def _apply_exclude(mask, exclude):
 
 def _validate_against_model(plan: dict[str, ModulePlan], modules: dict[str, nn.Module], mask) -> None:
     for name, entry in plan.items():
+        if name.endswith(".base_layer") or ".base_layer." in name:
+            raise ValueError(
+                f"module '{name}' names the inside of an existing adapter layer; use the module name without "
+                "'.base_layer' (build masks from the unwrapped model's names)"
+            )
         if name not in modules:
             close = [m for m in modules if m.endswith(name.split(".")[-1])][:3]
             hint = f" (modules with that suffix: {close})" if close else ""
