@@ -6,7 +6,7 @@ SparseOPDConfig(mask=...))`` and ``PeftModel.from_pretrained(base, path)`` work.
 
 from .masks import SparseMask
 from .module_types import layer_index, module_type
-from .tuner import PEFT_TYPE, SparseOPDConfig, SparseOPDModel, bf16_visibility
+from .tuner import PEFT_TYPE, SparseOPDConfig, SparseOPDModel, bf16_visibility, save_adapter
 from .visibility import visible_update
 
 __version__ = "0.1.0"
@@ -19,5 +19,6 @@ __all__ = [
     "bf16_visibility",
     "layer_index",
     "module_type",
+    "save_adapter",
     "visible_update",
 ]

@@ -107,3 +107,16 @@ class SparseOPDConfig(PeftConfig):
                 value = copy.deepcopy(value)
             out[f.name] = value
         return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load ``adapter_config.json`` and check the adapter file next to it *before* peft touches the base model:
+        a truncated / corrupt ``adapter_model.safetensors`` or bad coordinates raise ``ValueError`` naming the file,
+        and the base model stays unwrapped."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        from .files import locate_adapter_weights, validate_adapter_file
+
+        path = locate_adapter_weights(pretrained_model_name_or_path, subfolder, kwargs)
+        if path is not None:
+            validate_adapter_file(config, path)
+        return config
