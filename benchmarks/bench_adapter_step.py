@@ -73,7 +73,7 @@ def wrap(model, method: str, level: str | None, grad_path: str):
     if method == "shira":
         cfg = ShiraConfig(r=RANKS[level], target_modules=TARGETS)
         lookup = {id(model.get_submodule(n)): m for n, m in mask.items()}
-        cfg.mask_fn = lambda base_layer, r, **kw: lookup[id(base_layer)].to(base_layer.weight.dtype)
+        cfg.mask_fn = lambda base_layer, r, lookup=lookup, **kw: lookup[id(base_layer)].to(base_layer.weight.dtype)
         return get_peft_model(model, cfg)
     return get_peft_model(model, sparse_opd_peft.SparseOPDConfig(mask=mask, grad_path=grad_path))
 
@@ -110,7 +110,7 @@ CONFIGS = [("full", None, "auto"), ("lora", None, "auto")]
 for _level in RANKS:
     CONFIGS.append(("shira", _level, "auto"))
     CONFIGS.append(("sparse_opd", _level, "dense_rows"))
-    CONFIGS.append(("sparse_opd", _level, "gather"))
+    CONFIGS.append(("sparse_opd", _level, "sampled"))
 
 
 def main() -> None:

@@ -68,7 +68,7 @@ def main() -> None:
         base = model()
         lookup = {id(base.get_submodule(n)): m for n, m in mask.items()}
         cfg = ShiraConfig(r=r, target_modules=TARGETS)
-        cfg.mask_fn = lambda base_layer, r, **kw: lookup[id(base_layer)].to(base_layer.weight.dtype)
+        cfg.mask_fn = lambda base_layer, r, lookup=lookup, **kw: lookup[id(base_layer)].to(base_layer.weight.dtype)
         shira = file_size(get_peft_model(base, cfg))
         rows.append(
             f"| {density:.0%} | {nnz / base_numel:.2%} | {nnz:,} | {sizes['float32'] / nnz:.2f} | "

@@ -23,7 +23,7 @@ def _problem(dtype=torch.float64, out_f=9, in_f=7, nnz=20, r=3, seed=0):
     return w, b, idx, vals, coeff, basis, x
 
 
-@pytest.mark.parametrize("path", ["dense_rows", "gather"])
+@pytest.mark.parametrize("path", ["dense_rows", "sampled", "gather"])
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_gradcheck_float64(path, with_weight):
     w, b, idx, vals, coeff, basis, x = _problem()
@@ -70,6 +70,8 @@ def test_row_blocks_and_gather_agree(block_bytes):
     ref = (dy.t() @ x).view(-1)[idx]
     torch.testing.assert_close(values_grad(dy, x, idx, 21, "dense_rows", block_bytes), ref)
     torch.testing.assert_close(values_grad(dy, x, idx, 21, "gather", block_bytes), ref)
+    torch.testing.assert_close(values_grad(dy, x, idx, 21, "sampled", block_bytes), ref)
+    torch.testing.assert_close(values_grad(dy, x, idx, 21, "auto", block_bytes), ref)
 
 
 def test_backward_does_not_save_a_dense_weight_copy():

@@ -13,7 +13,7 @@ from peft.config import PeftConfig
 from .registration import PEFT_TYPE
 
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
-GRAD_PATHS = ("auto", "dense_rows", "gather")
+GRAD_PATHS = ("auto", "dense_rows", "sampled", "gather")
 CONFIG_FORMAT_VERSION = 1
 # Fields that hold tensors or objects at construction time; they never reach adapter_config.json.
 RUNTIME_ONLY_FIELDS = ("mask", "subspace", "exclude")
@@ -44,7 +44,8 @@ class SparseOPDConfig(PeftConfig):
         check_fingerprint: on load, verify that the base weights match the recorded fingerprint.
         fingerprint_full: also hash every entry of each targeted weight (slower) instead of a strided sample.
         grad_path: how ``d values`` is computed: ``"dense_rows"`` (row blocks of ``dyᵀx`` then a gather),
-            ``"gather"`` (per-coordinate products, never forms a dense block) or ``"auto"`` (by density).
+            ``"sampled"`` (``torch.sparse.sampled_addmm``: only the nnz products, no dense block), ``"gather"``
+            (per-coordinate products) or ``"auto"`` (sampled up to 15 % density on CPU, dense_rows above).
         grad_block_bytes: memory bound of one dense row block in the backward pass.
     """
 
@@ -61,7 +62,7 @@ class SparseOPDConfig(PeftConfig):
     save_dtype: str = field(default="float32", metadata={"help": "float32 | bfloat16 | float16 on disk."})
     check_fingerprint: bool = field(default=True, metadata={"help": "Verify the base weights on load."})
     fingerprint_full: bool = field(default=False, metadata={"help": "Hash whole weights, not a sample."})
-    grad_path: str = field(default="auto", metadata={"help": "auto | dense_rows | gather."})
+    grad_path: str = field(default="auto", metadata={"help": "auto | dense_rows | sampled | gather."})
     grad_block_bytes: int = field(default=64 * 2**20, metadata={"help": "Bound of a backward row block."})
     # ---- JSON-able metadata, filled by get_peft_model and read back by PeftModel.from_pretrained
     module_nnz: dict[str, int] = field(default_factory=dict)
