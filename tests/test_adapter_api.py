@@ -208,3 +208,14 @@ def test_config_rejects_bad_options():
         SparseOPDConfig(mask={}, save_dtype="int8")
     with pytest.raises(ValueError, match="grad_path"):
         SparseOPDConfig(mask={}, grad_path="magic")
+
+
+def test_low_cpu_mem_usage_load_and_load_adapter(model, mask, ids, tmp_path):
+    peft_model = get_peft_model(model, SparseOPDConfig(mask=mask, init_weights=False))
+    out = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(make_model(), tmp_path, low_cpu_mem_usage=True)
+    assert torch.equal(reloaded(ids).logits, out)
+    reloaded.load_adapter(tmp_path, adapter_name="again")
+    reloaded.set_adapter("again")
+    assert torch.equal(reloaded(ids).logits, out)

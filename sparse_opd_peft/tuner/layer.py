@@ -115,6 +115,8 @@ class SparseOPDLayer(BaseTunerLayer):
         for container in (self.sparse_opd_values, self.sparse_opd_coeff):
             if adapter_name in container:
                 param = container[adapter_name]
+                if param.device.type == "meta":  # low_cpu_mem_usage: load_state_dict(assign=True) fills it
+                    continue
                 dtype = weight.dtype if float_base else param.dtype
                 container[adapter_name] = nn.Parameter(param.data.to(target, dtype=dtype), param.requires_grad)
 
