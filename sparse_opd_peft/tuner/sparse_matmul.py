@@ -18,6 +18,7 @@ trained in bf16 computes what its merged weights will compute, while ``values`` 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -119,14 +120,11 @@ def _values_grad_sampled(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tenso
     rows, cols = idx // in_features, idx % in_features
     crow = torch.zeros(out_features + 1, dtype=torch.long, device=dy.device)
     crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
-    pattern = torch.sparse_csr_tensor(
-        crow,
-        cols,
-        torch.zeros(idx.numel(), dtype=dy.dtype, device=dy.device),
-        (out_features, in_features),
-        check_invariants=False,
-    )
-    return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
+    values = torch.zeros(idx.numel(), dtype=dy.dtype, device=dy.device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(crow, cols, values, (out_features, in_features), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
 
 
 def values_grad(
