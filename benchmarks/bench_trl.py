@@ -1,0 +1,216 @@
+"""On-policy distillation throughput and memory: our ``OPDTrainer`` vs TRL's ``DistillationTrainer``, same adapter.
+
+Every run uses the same student (a toy-world-like Qwen3, hidden 128, 4 layers, over the 20-token char vocabulary
+plus ``--extra-vocab`` dummy tokens) wrapped with the same 5 % random ``SparseOPDConfig`` mask over its block
+Linears, the same teacher (hidden 256, 4 layers), the same toy ``add`` prompts, the same batch size, max new
+tokens, optimizer (AdamW, lr 1e-3, linear decay, grad clip 1.0), temperature 1 and number of steps, fully
+on-policy (the student samples every completion):
+
+* ``ours sampled_token``: ``OPDConfig(loss="sampled_token")`` (the policy-gradient reverse-KL estimator);
+* ``ours full_kl``: ``OPDConfig(loss="full_kl")`` (exact full-vocabulary reverse KL);
+* ``TRL``: ``DistillationConfig(beta=1.0)`` (exact full-vocabulary reverse KL, TRL's defaults otherwise: gradient
+  checkpointing on); ``TRL, no GC``: the same with ``gradient_checkpointing=False``.
+
+Each runs in its own subprocess (``torch.set_num_threads(--threads)``). Reported: completion tokens per second over
+the ``--steps`` steps after ``--warmup`` warm-up steps (wall time of whole steps: sampling, teacher scoring, loss,
+backward, optimizer), and the peak resident-memory growth (``ru_maxrss``) during training over the process's peak
+right before the first step. CPU RSS on a 20-token vocabulary mostly measures activations, optimizer state and
+allocator behaviour: TRL's chunked lm_head projection saves vocabulary-sized logits, which are tiny there; use
+``--extra-vocab 32000`` to see the large-vocabulary regime. On a busy 2-core machine ``--threads 2`` can be ten times
+slower than ``--threads 1`` (threads wait for a core): compare runs made with the same setting.
+
+    python benchmarks/bench_trl.py                                  # prints the table, writes benchmarks/results/trl.md
+    python benchmarks/bench_trl.py --extra-vocab 32000 --append     # adds a large-vocabulary table to the same file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "trl.md"
+RUNS = {
+    "ours sampled_token": ("ours", "sampled_token"),
+    "ours full_kl": ("ours", "full_kl"),
+    "TRL": ("trl", "gc"),
+    "TRL, no GC": ("trl", "no_gc"),
+}
+STUDENT = dict(
+    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+)
+KNOBS = ("steps", "warmup", "batch_size", "max_new_tokens", "density", "threads", "extra_vocab")
+TEACHER = dict(
+    hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
+)
+
+
+def build(arch: dict, tokenizer, seed: int):
+    """A float32 ``Qwen3ForCausalLM`` over the toy tokenizer (untied embeddings, head_dim 32)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), head_dim=32, max_position_embeddings=128, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, **arch,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def setup(density: float, extra_vocab: int = 0):
+    """(tokenizer, PEFT-wrapped student, teacher, prompt dataset): identical in every subprocess.
+
+    ``extra_vocab`` adds that many dummy tokens to the toy tokenizer (and the models' vocabularies), to see the
+    regime where vocabulary-sized logits dominate memory (Qwen3 has 151k tokens)."""
+    import random
+
+    import torch
+    from datasets import Dataset
+    from peft import get_peft_model
+
+    from sparse_opd_peft import SparseOPDConfig
+    from sparse_opd_peft.toy import build_tokenizer, get_task
+
+    tok = build_tokenizer()
+    if extra_vocab:
+        tok.add_tokens([f"<x{i}>" for i in range(extra_vocab)])
+    student, teacher = build(STUDENT, tok, seed=0), build(TEACHER, tok, seed=1).eval()
+    g = torch.Generator().manual_seed(2)
+    mask = {
+        name: torch.rand(mod.weight.shape, generator=g) < density
+        for name, mod in student.named_modules()
+        if isinstance(mod, torch.nn.Linear) and ".layers." in name
+    }
+    rng, task = random.Random(0), get_task("add")
+    prompts = [task.make_example(rng)[0] for _ in range(1024)]
+    return tok, get_peft_model(student, SparseOPDConfig(mask=mask)), teacher, Dataset.from_dict({"prompt": prompts})
+
+
+def run_ours(loss: str, a: argparse.Namespace) -> dict:
+    from sparse_opd_peft.opd import OPDConfig, OPDTrainer
+
+    tok, student, teacher, ds = setup(a.density, a.extra_vocab)
+    cfg = OPDConfig(
+        loss=loss, lr=1e-3, lr_schedule="linear", steps=a.warmup + a.steps, batch_size=a.batch_size,
+        max_new_tokens=a.max_new_tokens, temperature=1.0, max_grad_norm=1.0, seed=0, progress_bar=False,
+    )  # fmt: skip
+    trainer = OPDTrainer(student, teacher, tok, ds, cfg)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    trainer.train(max_steps=a.warmup)
+    t0 = time.perf_counter()
+    history = trainer.train()
+    seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    tokens = sum(h["completion_length"] * a.batch_size for h in history[a.warmup :])
+    return {"tokens": tokens, "seconds": seconds, "peak_growth_mb": (peak - rss0) / 1024, "loss": history[-1]["loss"]}
+
+
+def run_trl(variant: str, a: argparse.Namespace) -> dict:
+    from transformers import TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    tok, student, teacher, ds = setup(a.density, a.extra_vocab)
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    args = DistillationConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench_trl_"), use_cpu=True, report_to=[], bf16=False,
+        max_steps=a.warmup + a.steps, per_device_train_batch_size=a.batch_size, max_completion_length=a.max_new_tokens,
+        learning_rate=1e-3, lr_scheduler_type="linear", max_grad_norm=1.0, weight_decay=0.0, beta=1.0,
+        temperature=1.0, logging_steps=1, save_strategy="no", disable_tqdm=True, seed=0,
+        gradient_checkpointing=variant == "gc",
+    )  # fmt: skip
+    trainer = DistillationTrainer(student, teacher, args=args, train_dataset=ds, processing_class=tok,
+                                  callbacks=[Clock()])  # fmt: skip
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    trainer.train()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
+    tokens = sum(h["completions/mean_length"] * a.batch_size for h in logs[a.warmup :])
+    seconds = stamps[a.warmup + a.steps - 1] - stamps[a.warmup - 1]
+    return {"tokens": tokens, "seconds": seconds, "peak_growth_mb": (peak - rss0) / 1024, "loss": logs[-1]["loss"]}
+
+
+def main() -> None:
+    """Run every configuration in its own subprocess, print the markdown table and write ``RESULTS``."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="measured steps (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per step (one completion each)")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--density", type=float, default=0.05, help="random mask density over block Linears")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--extra-vocab", type=int, default=0, help="dummy tokens added to the 20-token vocabulary")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--append", action="store_true", help="add the table to --out instead of replacing it")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    a = parser.parse_args()
+    if a.warmup < 1:
+        parser.error("--warmup must be >= 1 (the first step's end starts the clock)")
+    if a.one:
+        import torch
+
+        torch.set_num_threads(a.threads)
+        kind, variant = RUNS[a.one]
+        res = run_ours(variant, a) if kind == "ours" else run_trl(variant, a)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    forwarded = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in KNOBS]
+    rows = {}
+    for name in RUNS:
+        out = subprocess.run([sys.executable, __file__, *forwarded, "--one", name], capture_output=True, text=True)
+        lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
+        if out.returncode or not lines:
+            raise SystemExit(f"{name} failed (rc {out.returncode}):\n{out.stderr[-3000:]}")
+        rows[name] = json.loads(lines[-1][len("RESULT ") :])
+        rows[name]["tok_s"] = rows[name]["tokens"] / rows[name]["seconds"]
+        print(name, rows[name], flush=True)
+    trl, trl_nogc = rows["TRL"], rows["TRL, no GC"]
+    table = [
+        "| run | loss | completion tok/s | × TRL | × TRL no GC | peak RSS growth (MB) | × TRL | × TRL no GC |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        objective = f"`{RUNS[name][1]}`" if RUNS[name][0] == "ours" else "reverse KL (beta=1)"
+        mem = [f"{r['peak_growth_mb'] / max(ref['peak_growth_mb'], 1e-9):.2f}" for ref in (trl, trl_nogc)]
+        table.append(
+            f"| {name} | {objective} | {r['tok_s']:.0f} | {r['tok_s'] / trl['tok_s']:.2f} | "
+            f"{r['tok_s'] / trl_nogc['tok_s']:.2f} | {r['peak_growth_mb']:.0f} | {mem[0]} | {mem[1]} |"
+        )
+    import torch
+    import trl as trl_pkg
+
+    vocab = f"toy chars + {a.extra_vocab} dummies" if a.extra_vocab else "the toy char tokenizer"
+    changed = [k for k in KNOBS if getattr(a, k) != parser.get_default(k)]
+    cmd = " ".join(["python benchmarks/bench_trl.py", *(f"--{k.replace('_', '-')} {getattr(a, k)}" for k in changed)])
+    header = (
+        f"Generated by `{cmd}` (torch {torch.__version__}, trl {trl_pkg.__version__}, CPU, {a.threads} threads). "
+        f"Student Qwen3 hidden 128 × 4 layers with a {a.density:.0%} random sparse adapter on its block Linears, "
+        f"teacher Qwen3 hidden 256 × 4 layers, vocabulary of {20 + a.extra_vocab} tokens ({vocab}), "
+        f"{a.batch_size} prompts × 1 completion per step, ≤ {a.max_new_tokens} new tokens, {a.steps} measured steps "
+        f"after {a.warmup} warm-up steps, fully on-policy, AdamW lr 1e-3. Tokens/s = completion tokens / wall time "
+        "of whole steps; peak RSS growth = ru_maxrss after training − before the first step. Goal: ≥ 1.3× TRL's "
+        "tokens/s and ≤ 0.7× its peak memory with `sampled_token`. CPU timings on a shared machine are noisy: "
+        "re-run when it is quiet.\n\n"
+    )
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    previous = a.out.read_text() + "\n" if a.append and a.out.exists() else ""
+    a.out.write_text(previous + header + "\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
