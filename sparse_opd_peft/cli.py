@@ -209,5 +209,35 @@ def subspace(
     typer.echo(f"wrote {out}: rank-{rank} bases for {len(basis)} modules")
 
 
+@app.command(epilog="Example: sparse-opd demo --out runs/demo --steps 200 --density 0.2")
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Output directory (reports, adapter, plots)."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Toy-world cache (default $SPARSE_OPD_CACHE or ~/.cache)."),
+    task: str = typer.Option("add", "--task", help="Toy task to distil (add | sub)."),
+    steps: int = typer.Option(250, "--steps", help="OPD steps of every run (full, masked, random)."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Prompts per step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Learning rate of full OPD (linear decay)."),
+    adapter_lr: float = typer.Option(1e-3, "--adapter-lr", help="Learning rate of the masked runs."),
+    density: float = typer.Option(0.2, "--density", help="Top-k |ΔW| mask density."),
+    eval_samples: int = typer.Option(2000, "--eval-samples", help="Held-out prompts for accuracy."),
+    seed: int = typer.Option(0, "--seed", help="Seed of every run."),
+    tiny: bool = typer.Option(False, "--tiny", help="Tiny world (seconds; for smoke tests, not for results)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Whole story on the offline toy world: full OPD, diagnostics, mask, masked retrain vs random, merge, report."""
+    from .demo import DemoConfig, run_demo
+
+    with cli_errors():
+        if not 0 < density < 1:
+            raise ValueError(f"--density must be in (0, 1), got {density}")
+        cfg = DemoConfig(
+            out=str(out), cache_dir=str(cache_dir) if cache_dir else None, task=task, steps=steps,
+            batch_size=batch_size, lr=lr, adapter_lr=adapter_lr, density=density, eval_samples=eval_samples,
+            seed=seed, tiny=tiny, progress=not quiet,
+        )  # fmt: skip
+        run_demo(cfg)
+    typer.echo((out / "demo.md").read_text())
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
