@@ -29,15 +29,6 @@ from sparse_opd_peft.opd._distributed_check import tiny_model, tiny_tokenizer
 EOS = 3
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is ~50x faster than two on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _lm(seed: int, vocab: int = 4) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
     cfg = Qwen3Config(

@@ -21,15 +21,6 @@ from sparse_opd_peft.opd._distributed_check import exact_reward, run, tiny_datas
 TIMING = ("tokens_per_s",)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls: one intra-op thread is ~50x faster than two on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(**kw) -> OPDConfig:
     base = dict(lr=1e-2, steps=2, batch_size=4, num_generations=2, max_new_tokens=4, seed=1, progress_bar=False)
     return OPDConfig(**{**base, **kw})
