@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Creates (or reuses) the project-local virtual environment .venv and installs the package with its dev extra.
+# Creates (or reuses) the project-local virtual environment .venv and installs the package with its dev and trl extras.
 # torch is pinned through constraints.txt (a CPU wheel), never in the package metadata.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -18,7 +18,6 @@ from sparse_opd_peft.cli import app
 from sparse_opd_peft.mask_builders import mask_from_checkpoints
 from sparse_opd_peft.subspace import load_subspace
 
-torch.set_num_threads(2)
 CFG = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
            num_key_value_heads=1, head_dim=16)  # fmt: skip
 runner = CliRunner()

@@ -15,7 +15,6 @@ from sparse_opd_peft import SparseMask
 from sparse_opd_peft.diagnostics import diagnose, metrics, trajectory, write_report, write_trajectory_report
 from sparse_opd_peft.diagnostics.sources import SafetensorsSource, open_source, select_weights
 
-torch.set_num_threads(2)
 CFG = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
            num_key_value_heads=1, head_dim=16)  # fmt: skip
 N_BLOCK_LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down)

@@ -13,7 +13,6 @@ from sparse_opd_peft.diagnostics import metrics
 from sparse_opd_peft.mask_builders import mask_from_checkpoints, random_like
 from sparse_opd_peft.subspace import load_subspace, save_subspace, subspace_from_checkpoints
 
-torch.set_num_threads(2)
 CFG = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
            num_key_value_heads=1, head_dim=16)  # fmt: skip
 

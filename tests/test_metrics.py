@@ -11,8 +11,6 @@ from sparse_opd_peft.diagnostics import metrics as M
 from sparse_opd_peft.diagnostics import spectral as S
 from sparse_opd_peft.diagnostics.engine import DiagnoseConfig, analyze_matrix
 
-torch.set_num_threads(2)
-
 
 def rand(*shape, seed=0, dtype=torch.float64):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
