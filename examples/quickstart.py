@@ -43,19 +43,6 @@ def train(model: torch.nn.Module, steps: int, lr: float, seed: int, desc: str) -
     return loss.item()
 
 
-def topk_delta_mask(source: torch.nn.Module, tuned: torch.nn.Module, density: float) -> SparseMask:
-    """Global top-``density`` |W+ - W0| over the transformer blocks' Linear weights -> SparseMask."""
-    tuned_modules = dict(tuned.named_modules())
-    deltas = {
-        name: (tuned_modules[name].weight - mod.weight).abs().detach()
-        for name, mod in source.named_modules()
-        if isinstance(mod, torch.nn.Linear) and ".layers." in name
-    }
-    flat = torch.cat([d.flatten() for d in deltas.values()])
-    threshold = flat.kthvalue(int((1 - density) * flat.numel())).values
-    return SparseMask({n: d > threshold for n, d in deltas.items()}, metadata={"rule": "topk", "density": density})
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/quickstart"))
@@ -86,7 +73,7 @@ def main() -> None:
     for name, param in probe.named_parameters():
         param.requires_grad = ".layers." in name and name.endswith("proj.weight")
     train(probe, args.steps, 3e-3, seed=1, desc="probe (full fine-tuning of the blocks)")
-    mask = topk_delta_mask(base, probe, args.density)
+    mask = SparseMask.from_checkpoints(base, probe, rule="topk", density=args.density)
     mask.save(args.out / "mask.safetensors")
     print(f"mask: {mask}, FFN share of coordinates {mask.type_stats()['ffn']['share_of_nnz']:.1%}")
 
