@@ -22,7 +22,7 @@ import torch
 
 from sparse_opd_peft.diagnostics import metrics as M
 from sparse_opd_peft.diagnostics.engine import DiagnoseConfig, analyze_matrix
-from sparse_opd_peft.diagnostics.spectral import lapack_backend, svd_topk
+from sparse_opd_peft.diagnostics.spectral import gram, lapack_backend, svd_topk, sym_eig_many
 
 RESULTS = Path(__file__).parent / "results" / "diagnostics.md"
 
@@ -67,6 +67,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     m, n = args.shape
+    load0 = f"{os.getloadavg()[0]:.2f}"
     w0, w1 = make_pair(m, n)
     w0d, w1d = w0.double(), w1.double()
     lapack_backend()  # probe once, outside the timings
@@ -74,9 +75,14 @@ def main() -> None:
     (au, av, nss, route), t_spec = timed(lambda: ours(w0d, w1d, args.k))
     (row, _), t_full = timed(lambda: analyze_matrix(w0, w1, "model.layers.0.mlp.down_proj.weight",
                                                    DiagnoseConfig(top_k=args.k, method="gram")))  # fmt: skip
+    g, t_gram = timed(lambda: gram(w0d))
+    _, t_eig = timed(lambda: sym_eig_many([(g, args.k)]))
+    g = None  # free the Gram before the next step
     rows = [
         ("engine: all singular values + top-k vectors of W0 and W+, angles, NSS", t_spec),
-        ("engine: full per-matrix analysis (every report.json metric)", t_full),
+        ("  of which, per matrix: float64 Gram (lower block triangle)", t_gram),
+        ("  of which, per matrix: all eigenvalues + top-k eigenvectors of the Gram", t_eig),
+        ("engine: full per-matrix analysis (every report.json metric, incl. the ΔW spectrum and masks)", t_full),
     ]
     check = ""
     if not args.skip_plain:
@@ -101,7 +107,7 @@ def main() -> None:
         "",
         "| step | seconds |",
         "|---|---|",
-        *[f"| {name} | {sec:.1f} |" for name, sec in rows],
+        *[f"| {name} | {sec:.2f} |" for name, sec in rows],
         "",
         check,
         "",
@@ -109,8 +115,8 @@ def main() -> None:
         f"{row['principal_angle_deg']:.3f}°, principal overlap {row['principal_overlap']:.3f}, low-magnitude overlap "
         f"{row['low_magnitude_overlap']:.3f}, stable rank {row['stable_rank']:.2f}, route {row['route']}.",
         "",
-        "Command: `.venv/bin/python benchmarks/bench_diagnostics.py` (machine shared with other jobs: timings are "
-        "upper bounds).",
+        f"Load average before / after the run: {load0} / {os.getloadavg()[0]:.2f} (the machine is shared; timings "
+        "are upper bounds). Command: `.venv/bin/python benchmarks/bench_diagnostics.py`.",
         "",
     ]
     text = "\n".join(lines)

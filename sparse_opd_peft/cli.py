@@ -61,6 +61,23 @@ def _modules_regex(modules: list[str] | None) -> str | None:
     return "|".join(f"(?:{m})" for m in modules)
 
 
+def _type_overrides(rules: list[str] | None) -> dict[str, str] | None:
+    """``["regex=ffn", ...]`` -> ordered ``{regex: type}`` (see ``sparse_opd_peft.module_type``)."""
+    from .module_types import MODULE_TYPES
+
+    out = {}
+    for rule in rules or []:
+        pattern, sep, kind = rule.rpartition("=")
+        if not sep or not pattern or kind not in MODULE_TYPES:
+            raise ValueError(f"--module-type {rule!r}: use REGEX=TYPE with TYPE one of {', '.join(MODULE_TYPES)}")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"--module-type {rule!r}: invalid regular expression ({err})") from None
+        out[pattern] = kind
+    return out or None
+
+
 def _check_file_target(out: Path, overwrite: bool) -> None:
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a directory; --out takes a file path such as {out / 'mask.safetensors'}")
@@ -95,10 +112,15 @@ def diagnose(
     tuned: str = typer.Argument(..., help="Tuned checkpoint W+ (same architecture as SOURCE)."),
     out: Path = typer.Option(Path("diagnostics"), "--out", "-o", help="Output directory for the report files."),
     modules: list[str] = typer.Option(None, "--modules", "-m", help=MODULES_HELP),
-    device: Device = typer.Option(Device.auto, "--device", help="Where the float64 linear algebra runs (auto: CUDA if present)."),
+    device: Device = typer.Option(
+        Device.auto, "--device", help="Where the float64 linear algebra runs (auto: CUDA if present)."
+    ),
     top_k: int = typer.Option(512, "--top-k", help="Principal-angle subspace size (capped by each matrix)."),
     principal_rank: int = typer.Option(64, "--principal-rank", help="Rank of the W0 reconstruction (principal mask)."),
     alpha: float = typer.Option(0.5, "--alpha", help="Fraction of entries in principal / low-magnitude masks."),
+    module_type: list[str] = typer.Option(
+        None, "--module-type", help="Type override REGEX=ffn|attention|other for other architectures; repeatable."
+    ),
     no_spectral: bool = typer.Option(False, "--no-spectral", help="Skip SVD-based metrics (fast sparsity pass)."),
     no_plots: bool = typer.Option(False, "--no-plots", help="Write report.json and report.md only."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing report files in --out."),
@@ -114,6 +136,7 @@ def diagnose(
         result = run_diagnose(
             source, tuned, modules=_modules_regex(modules), device=device.value, progress=not quiet, top_k=top_k,
             principal_rank=principal_rank, alpha=alpha, spectral=not no_spectral,
+            type_overrides=_type_overrides(module_type),
         )  # fmt: skip
         written = write_report(result, out, overwrite=overwrite, plots=not no_plots)
     s = result.summary
@@ -212,7 +235,9 @@ def subspace(
 @app.command(epilog="Example: sparse-opd demo --out runs/demo --steps 200 --density 0.2")
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Output directory (reports, adapter, plots)."),
-    cache_dir: Path = typer.Option(None, "--cache-dir", help="Toy-world cache (default $SPARSE_OPD_CACHE or ~/.cache)."),
+    cache_dir: Path = typer.Option(
+        None, "--cache-dir", help="Toy-world cache (default $SPARSE_OPD_CACHE or ~/.cache)."
+    ),
     task: str = typer.Option("add", "--task", help="Toy task to distil (add | sub)."),
     steps: int = typer.Option(250, "--steps", help="OPD steps of every run (full, masked, random)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Prompts per step."),

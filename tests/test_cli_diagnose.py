@@ -93,6 +93,13 @@ def test_diagnose_writes_reports(ckpts, tmp_path):
     assert narrowed.exit_code == 0, narrowed.output
     assert json.loads((tmp_path / "ffn" / "report.json").read_text())["summary"]["n_matrices"] == 6
     assert not (tmp_path / "ffn" / "principal_angles.png").exists()
+    typed = run("diagnose", ckpts / "source", ckpts / "tuned", "--out", tmp_path / "typed", "--module-type",
+                r"self_attn\.o_proj=other", "--no-plots", "-q")  # fmt: skip
+    assert typed.exit_code == 0, typed.output
+    by_type = json.loads((tmp_path / "typed" / "report.json").read_text())["by_type"]
+    assert by_type["other"]["n_matrices"] == 2 and by_type["attention"]["n_matrices"] == 6
+    assert_one_line_error(run("diagnose", ckpts / "source", ckpts / "tuned", "--out", tmp_path / "bad",
+                              "--module-type", "mlp=mlp", "-q"), "REGEX=TYPE")  # fmt: skip
 
     before = (out / "report.json").stat().st_mtime_ns
     again = run("diagnose", ckpts / "source", ckpts / "tuned", "--out", out, "--quiet")
