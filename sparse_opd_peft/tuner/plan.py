@@ -14,7 +14,7 @@ from torch import nn
 
 from ..module_types import MODULE_TYPES, module_type
 from . import bnb
-from .storage import fingerprint_mismatch, load_safetensors_checked, weight_fingerprint
+from .storage import fingerprint_mismatch, weight_fingerprint
 
 
 @dataclass
@@ -30,8 +30,9 @@ class ModulePlan:
 def load_subspace_arg(value) -> dict[str, torch.Tensor]:
     """Accept ``{module_name: (in, r) tensor}`` or a path to a safetensors file of such tensors."""
     if isinstance(value, (str, os.PathLike)):
-        tensors, _ = load_safetensors_checked(value)
-        return {k[: -len(".weight")] if k.endswith(".weight") else k: v for k, v in tensors.items()}
+        from ..subspace import load_subspace  # checks the file format and orthonormal columns
+
+        return load_subspace(value)
     if isinstance(value, Mapping):
         return dict(value)
     raise TypeError(f"subspace must be a dict {{module_name: (in, r) tensor}} or a path, got {type(value).__name__}")
