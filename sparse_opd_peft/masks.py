@@ -144,15 +144,15 @@ class SparseMask(Mapping):
         """nnz / numel for one module or, parameter-weighted, over all masked modules."""
         return self.nnz(name) / max(self.numel(name), 1)
 
-    def module_stats(self) -> dict[str, dict]:
-        """Per module: ``{"shape", "nnz", "numel", "density", "type"}``."""
+    def module_stats(self, overrides: Mapping[str, str] | None = None) -> dict[str, dict]:
+        """Per module: ``{"shape", "nnz", "numel", "density", "type"}`` (``overrides``: as in :meth:`type_stats`)."""
         return {
             n: {
                 "shape": list(self._shapes[n]),
                 "nnz": self.nnz(n),
                 "numel": self.numel(n),
                 "density": self.density(n),
-                "type": module_type(n),
+                "type": module_type(n, overrides),
             }
             for n in self
         }

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..visibility import visibility_summary
+from .config import RUNTIME_ONLY_FIELDS
 from .layer import Linear, SparseOPDLayer
 from .plan import build_plan
 from .storage import pack_coordinates, unpack_coordinates
@@ -70,7 +71,7 @@ class SparseOPDModel(BaseTuner):
         for key, value in meta.items():
             setattr(peft_config, key, value)
         peft_config.target_modules = sorted(plan)
-        for field_name in ("mask", "subspace", "exclude"):
+        for field_name in RUNTIME_ONLY_FIELDS:
             setattr(peft_config, field_name, None)
         peft_config._sparse_opd_plan = plan
 
