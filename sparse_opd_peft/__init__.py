@@ -4,7 +4,9 @@ Importing the package registers the ``SPARSE_OPD`` method with peft, so that ``p
 SparseOPDConfig(mask=...))`` and ``PeftModel.from_pretrained(base, path)`` work.
 """
 
+from .hub import load_adapter, push_adapter
 from .masks import SparseMask
+from .model_card import record_training
 from .module_types import layer_index, module_type
 from .tuner import PEFT_TYPE, SparseOPDConfig, SparseOPDModel, bf16_visibility, save_adapter
 from .visibility import visible_update
@@ -21,4 +23,7 @@ __all__ = [
     "module_type",
     "save_adapter",
     "visible_update",
+    "record_training",
+    "load_adapter",
+    "push_adapter",
 ]

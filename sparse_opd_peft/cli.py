@@ -264,5 +264,12 @@ def demo(
     typer.echo((out / "demo.md").read_text())
 
 
+def _register_workflow_commands() -> None:
+    """Commands defined in sibling modules register themselves on :data:`app` when imported."""
+    from . import cli_hub, cli_workflow  # noqa: F401
+
+
+_register_workflow_commands()
+
 if __name__ == "__main__":  # pragma: no cover
     app()

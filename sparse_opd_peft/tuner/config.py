@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
 from dataclasses import dataclass, field, fields
@@ -47,6 +48,9 @@ class SparseOPDConfig(PeftConfig):
             ``"sampled"`` (``torch.sparse.sampled_addmm``: only the nnz products, no dense block), ``"gather"``
             (per-coordinate products) or ``"auto"`` (sampled up to 15 % density on CPU, dense_rows above).
         grad_block_bytes: memory bound of one dense row block in the backward pass.
+        training: optional JSON-only training recipe (loss, teacher, steps, optimizer, ..., and optionally a
+            ``diagnostics`` summary) shown in the model card; set it with :func:`sparse_opd_peft.record_training`.
+            Adapter files written before this field existed load with ``training=None``.
     """
 
     mask: Optional[Any] = field(default=None, metadata={"help": "SparseMask, {name: bool tensor} or path."})
@@ -72,6 +76,7 @@ class SparseOPDConfig(PeftConfig):
     mask_metadata: dict = field(default_factory=dict)
     density: Optional[float] = None
     density_by_type: dict[str, float] = field(default_factory=dict)
+    training: Optional[dict] = field(default=None, metadata={"help": "JSON-only training recipe (model card)."})
     format_version: int = CONFIG_FORMAT_VERSION
 
     def __post_init__(self):
@@ -88,6 +93,8 @@ class SparseOPDConfig(PeftConfig):
                 f"adapter_config.json has sparse_opd format_version {self.format_version}, newer than this "
                 f"sparse_opd_peft supports ({CONFIG_FORMAT_VERSION}); upgrade sparse_opd_peft"
             )
+        if self.training is not None:
+            self.training = check_json_dict(self.training, "SparseOPDConfig.training")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
         if self.mask is None and self.subspace is None and not self.module_nnz and not self.module_rank:
@@ -110,14 +117,59 @@ class SparseOPDConfig(PeftConfig):
         return out
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """Load ``adapter_config.json`` and check the adapter file next to it *before* peft touches the base model:
-        a truncated / corrupt ``adapter_model.safetensors`` or bad coordinates raise ``ValueError`` naming the file,
-        and the base model stays unwrapped."""
-        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        from .files import locate_adapter_weights, validate_adapter_file
+    def check_kwargs(cls, **kwargs):
+        """Refuse an ``adapter_config.json`` of another peft method before any field is interpreted."""
+        peft_type = kwargs.get("peft_type")
+        peft_type = getattr(peft_type, "value", peft_type)
+        if peft_type is not None and str(peft_type) != PEFT_TYPE.value:
+            raise ValueError(
+                f"adapter_config.json is a {peft_type} adapter, not a {PEFT_TYPE.value} one; load it with peft's own "
+                "PeftModel.from_pretrained / AutoPeftModelForCausalLM (sparse_opd_peft is not needed for it), or pass "
+                "the directory / repo of a SparseOPD adapter"
+            )
+        return super().check_kwargs(**kwargs)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load ``adapter_config.json`` (local directory or Hub repo id, Hub cache included) and check the adapter
+        file next to it *before* peft touches the base model: a missing, truncated or corrupt
+        ``adapter_model.safetensors``, bad coordinates, another peft method or a newer ``format_version`` raise
+        ``ValueError`` / ``FileNotFoundError`` naming the source and the fix, and the base model stays unwrapped."""
+        from .files import describe_hub_miss, locate_adapter_weights, validate_adapter_file
+
+        source = os.fspath(pretrained_model_name_or_path)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except ValueError as err:
+            folder = os.path.join(source, subfolder or "")
+            if err.__cause__ is not None and os.path.isdir(folder):
+                raise ValueError(
+                    f"{folder}: no adapter_config.json in this directory; pass the directory written by save_adapter "
+                    "/ model.save_pretrained"
+                ) from None
+            if err.__cause__ is not None:
+                raise ValueError(
+                    describe_hub_miss(source, "adapter_config.json", subfolder, kwargs, err.__cause__)
+                ) from None
+            raise ValueError(f"{source}: {err}") from None
         path = locate_adapter_weights(pretrained_model_name_or_path, subfolder, kwargs)
         if path is not None:
             validate_adapter_file(config, path)
         return config
+
+
+def check_json_dict(value, what: str) -> dict:
+    """Return ``value`` as it will read back from ``adapter_config.json`` (a JSON round trip: tuples become lists,
+    non-string keys strings), after checking that it is a dict of JSON data.
+
+    Raises:
+        ValueError: ``value`` is not a dict, or holds tensors, NaN/inf or other non-JSON data.
+    """
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} must be a JSON-able dict, got {type(value).__name__}")
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"{what} must hold JSON data only (str, finite numbers, bools, None, lists, dicts): {err}"
+        ) from None

@@ -1,0 +1,224 @@
+"""``sparse-opd train | merge | inspect``: the training workflow on the command line.
+
+Every command validates its whole input (files, columns, adapter choice, models, tokenizers) before it writes
+anything; outputs are staged in a temporary sibling directory and renamed into place, so a failure leaves nothing
+half-written. Heavy libraries (torch, transformers, peft, datasets) are imported inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Any, Optional
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+TRUST_HELP = "Allow model code from the checkpoint's repository to run (off by default; only for sources you trust)."
+
+
+class Loss(str, Enum):
+    sampled_token = "sampled_token"
+    full_kl = "full_kl"
+    sft = "sft"
+    rlvr = "rlvr"
+    mix = "mix"
+
+
+class Optim(str, Enum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class Schedule(str, Enum):
+    linear = "linear"
+    constant = "constant"
+
+
+class TokenKeep(str, Enum):
+    all = "all"
+    top_gap = "top_gap"
+    random = "random"
+
+
+class ModelDtype(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class MergeDtype(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class SaveDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def quiet_library_warnings() -> None:
+    """Keep stderr for our own output: hide transformers' per-load progress bars ("Loading weights", "Writing model
+    shards") and a deprecation notice that peft triggers in transformers 5 on every ``PeftModel``; neither is
+    actionable for a CLI user and both would break the one-line ``error:`` output."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+# ---------------------------------------------------------------------------------------------- sources and outputs
+def resolve_source(source: str, what: str, kind: str = "model") -> tuple[str, Optional[str]]:
+    """``(local path or Hub id, revision)`` of a model / tokenizer / adapter argument, checked without network.
+
+    A path that exists must be a directory holding ``config.json`` (model), tokenizer files (tokenizer) or
+    ``adapter_config.json`` (adapter); anything else must look like a Hub id ``org/name[@revision]``.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(
+                f"{what} {source} is a file; pass a directory written by save_pretrained or a Hub id"
+            )
+        need = {"model": ("config.json",), "tokenizer": _TOKENIZER_FILES, "adapter": ("adapter_config.json",)}[kind]
+        if not any((path / f).is_file() for f in need):
+            hint = ""
+            if kind == "adapter" and (path / "config.json").is_file():
+                hint = " (it holds a full model: load it with AutoModelForCausalLM, there is no adapter to read)"
+            raise FileNotFoundError(f"{what} {source}: no {' / '.join(need)} in this directory{hint}")
+        return str(path), None
+    if source.startswith((".", "/", "~")) or source.count("/") > 1 or not _HUB_ID.fullmatch(source):
+        raise FileNotFoundError(
+            f"{what} {source}: no such directory (and not a Hub id of the form org/name[@revision])"
+        )
+    name, _, revision = source.partition("@")
+    return name, revision or None
+
+
+def has_tokenizer(source: str) -> bool:
+    """False only for a local directory without tokenizer files (a Hub id may have them: try to load it)."""
+    path = Path(source).expanduser()
+    return not path.is_dir() or any((path / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def load_causal_lm(source: str, what: str, dtype: Any, trust_remote_code: bool):
+    """``AutoModelForCausalLM.from_pretrained`` of a checked source (safetensors weights only, never pickle)."""
+    from transformers import AutoModelForCausalLM
+
+    ref, revision = resolve_source(source, what)
+    return AutoModelForCausalLM.from_pretrained(
+        ref, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+    )
+
+
+def load_tokenizer(source: str, what: str, trust_remote_code: bool):
+    """``AutoTokenizer.from_pretrained`` of a checked source."""
+    from transformers import AutoTokenizer
+
+    ref, revision = resolve_source(source, what, "tokenizer")
+    return AutoTokenizer.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def adapter_dir(adapter: str) -> Path:
+    """Local directory of an adapter argument: a directory, or a Hub id fetched with ``snapshot_download`` (the
+    local cache when ``HF_HUB_OFFLINE=1``)."""
+    ref, revision = resolve_source(adapter, "ADAPTER", "adapter")
+    if Path(ref).is_dir():
+        return Path(ref)
+    from huggingface_hub import snapshot_download
+
+    try:
+        path = Path(snapshot_download(ref, revision=revision, allow_patterns=["*.json", "*.safetensors", "*.md"]))
+    except Exception as err:  # noqa: BLE001 - hub / cache errors of any kind: one line
+        raise FileNotFoundError(
+            f"ADAPTER {adapter}: not a local directory and not available from the Hub or the local cache "
+            f"({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+        ) from None
+    return Path(resolve_source(str(path), "ADAPTER", "adapter")[0])
+
+
+def read_adapter_config(directory: Path) -> dict:
+    """The JSON of ``directory/adapter_config.json`` (``ValueError`` when unreadable or not a peft config)."""
+    path = directory / "adapter_config.json"
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); re-save the adapter") from None
+    if not isinstance(data, dict) or not data.get("peft_type"):
+        raise ValueError(f"{path}: no peft_type; not a peft adapter config")
+    return data
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    """``--out`` must be a new or empty directory, unless ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} is a file; pass a directory path")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(
+            f"--out {out} exists and is not empty; pass --overwrite to replace it or choose another --out"
+        )
+
+
+def missing_ancestors(path: Path) -> list[Path]:
+    """``path`` and its parents that do not exist yet, outermost last."""
+    out, p = [], path.absolute()
+    while not p.exists():
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def remove_created(created: list[Path]) -> None:
+    """Remove the directories :func:`missing_ancestors` listed (removing the outermost, last, removes them all)."""
+    if created:
+        shutil.rmtree(created[-1], ignore_errors=True)
+
+
+@contextmanager
+def staged_dir(out: Path) -> Iterator[Path]:
+    """Yield an empty temporary sibling of ``out``; on success it replaces ``out`` (rename), on failure it is removed
+    together with any parent directory created for it."""
+    created = missing_ancestors(out.parent)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        old = None
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_created(created)
+        raise
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file and an atomic rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+# The commands live in two sibling modules (one file each stays short); importing them registers them on `app`.
+from . import cli_workflow_inspect, cli_workflow_train  # noqa: E402, F401
