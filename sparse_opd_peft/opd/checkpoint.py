@@ -1,18 +1,63 @@
-"""Checkpoint I/O of the OPD trainer: trainable-state snapshots for trajectory diagnostics and resumable state."""
+"""Checkpoint I/O of the OPD trainer: trainable-state snapshots for trajectory diagnostics and a pickle-free
+resumable training state.
+
+A state directory (:func:`save_training_state`) holds every tensor as safetensors and everything else as JSON::
+
+    opd_trainer_state.json   trainer payload (step, history, config)
+    manifest.json            format, version, backend, num_processes, file list, frozen-adapter digests
+    trainable.safetensors    {parameter name: tensor} of every requires_grad parameter (a PEFT student: its adapter)
+    optimizer.safetensors    {"state.<param index>.<key>": tensor, "param_groups.<group>.<key>": tensor}
+    optimizer.json           optimizer class, parameter name and shape per index, ``state_dict()`` skeleton with the
+                             tensors replaced by their keys (tuples, int dict keys and float/int/bool/None kept
+                             exactly), GradScaler state (fp16 mixed precision)
+    rng_<rank>.safetensors   {"torch_cpu": uint8 (5056,), "cuda.<device>": uint8 (16,)}, one per process
+    rng_<rank>.json          python ``random.getstate()`` and numpy's global state, one per process
+
+The trainer itself draws every random number from per-sample seeded generators (``sample_seed``); the global RNGs
+only feed dropout (attention dropout, ``lora_dropout``), and are saved per process as ``accelerate.save_state`` did.
+The codec and RNG helpers live in :mod:`._state_io`.
+
+Writes go to ``<dir>.tmp`` (flushed to disk), which then replaces ``<dir>``; the main process writes everything but
+each process's ``rng_<rank>`` files, so the directory must be on a filesystem every process sees. Every process
+loads; everything is read and checked before the model, optimizer or RNGs change.
+
+FSDP / DeepSpeed / Megatron-LM: their parameters and optimizer state are sharded or flattened by the engine, so there
+the state falls back to ``accelerator.save_state`` / ``load_state`` (which pickles the optimizer and RNG states);
+the manifest records ``backend: "accelerate"``, and a state written one way cannot be resumed the other way.
+"""
 
 from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-__all__ = ["STATE_FILE", "read_training_state", "save_trainable_state", "save_training_state", "trainable_state_dict"]
+from . import _state_io as sio
+
+__all__ = [
+    "STATE_FILE",
+    "load_training_state",
+    "read_training_state",
+    "save_trainable_state",
+    "save_training_state",
+    "trainable_state_dict",
+]
 
 STATE_FILE = "opd_trainer_state.json"
+MANIFEST = "manifest.json"
+FORMAT, VERSION = "sparse-opd-peft/opd-trainer-state", 1
+PARAMS, OPT_TENSORS, OPT_JSON = "trainable.safetensors", "optimizer.safetensors", "optimizer.json"
+_ENGINES = ("FSDP", "DEEPSPEED", "MEGATRON_LM")
+_MISMATCH_FIX = (
+    "resume with the student the run was started with (same adapter: mask / subspace / LoRA rank and targets, "
+    "same dtype), or start a new run without resuming"
+)
+_DAMAGED_FIX = "the directory is incomplete or damaged: resume from another state directory or start the run again"
 
 
 def trainable_state_dict(
@@ -58,30 +103,227 @@ def save_trainable_state(accelerator: Any, model: torch.nn.Module, path: str | P
     accelerator.wait_for_everyone()
 
 
-def save_training_state(accelerator: Any, output_dir: str | Path, payload: dict[str, Any]) -> None:
-    """``accelerator.save_state`` (weights, optimizer, RNG) plus ``payload`` as JSON, written to ``output_dir.tmp``
-    and then renamed, so an interrupted save never replaces a good state. Call on every process."""
+def _engine(accelerator: Any) -> Optional[str]:
+    """The sharding engine (``"FSDP"``, ``"DEEPSPEED"``, ``"MEGATRON_LM"``) the accelerator runs, else None."""
+    kind = accelerator.distributed_type
+    name = getattr(kind, "name", str(kind))
+    return name if name in _ENGINES else None
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer_params(optimizer: Any, model: torch.nn.Module) -> list[list[Any]]:
+    """``[name, shape]`` per optimizer parameter index (the order of ``optimizer.state_dict()``)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return [[names.get(id(p), f"<unnamed parameter {i}>"), list(p.shape)] for i, p in enumerate(params)]
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def save_training_state(
+    accelerator: Any, model: torch.nn.Module, optimizer: Any, output_dir: str | Path, payload: dict[str, Any]
+) -> None:
+    """Write a resumable state (module docstring layout) to ``output_dir.tmp``, then swap it in, so an interrupted
+    save never replaces a good state. Call on every process: the main process writes the parameters, optimizer and
+    JSON files, every process its own ``rng_<rank>`` files (the directory must be on a filesystem all see).
+
+    Args:
+        accelerator: the ``Accelerator`` that prepared ``model`` and ``optimizer``.
+        model: the prepared student (DDP replicas hold identical parameters).
+        optimizer: the prepared optimizer (any ``torch.optim.Optimizer``).
+        output_dir: the state directory (replaced when it exists).
+        payload: JSON-able trainer bookkeeping, written as ``opd_trainer_state.json``.
+    """
     out = Path(output_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    engine = _engine(accelerator)
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1, default=float))
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    n = accelerator.num_processes
+    if engine:
+        accelerator.save_state(str(tmp))
+        files: list[str] = []
+    else:
+        rank = accelerator.process_index
+        rng_tensors, rng = sio.rng_state()
+        save_file(rng_tensors, str(tmp / f"rng_{rank}.safetensors"))
+        sio.write_json(tmp / f"rng_{rank}.json", rng, indent=None)
+        files = [PARAMS, OPT_TENSORS, OPT_JSON] + [f"rng_{r}.{e}" for r in range(n) for e in ("safetensors", "json")]
+    if accelerator.is_main_process:
+        manifest = {"format": FORMAT, "version": VERSION, "backend": "accelerate" if engine else "native",
+                    "engine": engine, "num_processes": n, "files": files}  # fmt: skip
+        if not engine:
+            bare = accelerator.unwrap_model(model)
+            params = {k: p.detach().cpu().contiguous() for k, p in _trainable(bare).items()}
+            save_file(sio.unshared(params), str(tmp / PARAMS))
+            tensors: dict[str, torch.Tensor] = {}
+            state = sio.encode(optimizer.state_dict(), (), tensors)
+            scaler = getattr(accelerator, "scaler", None)
+            opt = {"optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
+                   "params": _optimizer_params(optimizer, bare), "state_dict": state,
+                   "grad_scaler": scaler.state_dict() if scaler is not None else None}  # fmt: skip
+            save_file(sio.unshared(tensors), str(tmp / OPT_TENSORS))
+            sio.write_json(tmp / OPT_JSON, opt)
+            manifest["frozen_adapter_sha256"] = sio.frozen_adapter_digests(bare)
+        sio.write_json(tmp / MANIFEST, manifest)
+        sio.write_json(tmp / STATE_FILE, payload)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        sio.fsync_tree(tmp)
+        if old.exists():
+            shutil.rmtree(old)
         if out.exists():
-            shutil.rmtree(out)
+            out.rename(old)
         tmp.rename(out)
+        if old.exists():
+            shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
+# ---------------------------------------------------------------------------------------------- reading
 def read_training_state(input_dir: str | Path) -> dict[str, Any]:
     """The JSON payload of a :func:`save_training_state` directory.
 
     Raises:
-        ValueError: when ``input_dir`` is not such a directory.
+        ValueError: when ``input_dir`` is not such a directory, or its payload is not readable JSON.
     """
     path = Path(input_dir)
     if not (path / STATE_FILE).is_file():
         raise ValueError(f"{path} is not an OPDTrainer state directory (no {STATE_FILE}); pass a checkpoint_dir/state")
-    return json.loads((path / STATE_FILE).read_text())
+    return _read(path, STATE_FILE)
+
+
+def _damaged(path: Path, what: str) -> ValueError:
+    return ValueError(f"cannot resume from {path}: {what}; {_DAMAGED_FIX}")
+
+
+def _read(path: Path, name: str) -> Any:
+    """JSON file ``name`` of state directory ``path``, or its safetensors tensors (CPU) when ``name`` ends so."""
+    try:
+        if name.endswith(".safetensors"):
+            return load_file(str(path / name))
+        return json.loads((path / name).read_text())
+    except Exception as err:  # noqa: BLE001 - OSError, JSON errors, safetensors' own error types
+        raise _damaged(path, f"{name} is unreadable ({err})") from err
+
+
+def _header(path: Path, name: str) -> dict[str, tuple[list[int], str]]:
+    try:
+        return sio.safetensors_header(path / name)
+    except Exception as err:  # noqa: BLE001
+        raise _damaged(path, f"{name} is unreadable ({err})") from err
+
+
+def _param_mismatch(path: Path, model: torch.nn.Module, manifest: dict) -> Optional[str]:
+    """Why the saved parameters do not fit ``model``'s trainable ones (names, shapes, dtypes, frozen adapter
+    tensors), or None."""
+    saved, mine = _header(path, PARAMS), _trainable(model)
+    if set(saved) != set(mine):
+        extra, missing = sorted(set(saved) - set(mine)), sorted(set(mine) - set(saved))
+        return (f"its {len(saved)} trainable parameters are not the student's {len(mine)} (only in the state: "
+                f"{extra[:2]}; only in the student: {missing[:2]})")  # fmt: skip
+    for name, p in mine.items():
+        want = (list(p.shape), str(p.dtype).removeprefix("torch."))
+        if saved[name] != want:
+            return f"{name} is {saved[name][1]} {saved[name][0]} in the state but {want[1]} {want[0]} in the student"
+    ref, now = manifest.get("frozen_adapter_sha256", {}), sio.frozen_adapter_digests(model)
+    bad = sorted(k for k in set(ref) | set(now) if ref.get(k) != now.get(k))
+    if bad:
+        return f"the adapter's frozen tensors differ (e.g. {bad[0]}): the state was written with another mask"
+    return None
+
+
+def _read_rng(path: Path, rank: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Process ``rank``'s RNG files (checked without changing any global generator)."""
+    tensors, rng = _read(path, f"rng_{rank}.safetensors"), _read(path, f"rng_{rank}.json")
+    try:
+        sio.check_rng(tensors, rng)
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise _damaged(path, f"rng_{rank}.* hold no valid RNG state ({err!r})") from err
+    return tensors, rng
+
+
+def _check_manifest(path: Path, accelerator: Any) -> dict[str, Any]:
+    """The manifest of ``path`` after checking format, backend and that every listed file is there."""
+    if not (path / MANIFEST).is_file():
+        if (path / "optimizer.bin").is_file() or any(path.glob("random_states_*.pkl")):
+            raise ValueError(
+                f"cannot resume from {path}: it was written by an older version (accelerate save_state, pickled), "
+                "which is no longer read; start the run again, or finish it with the version that wrote it"
+            )
+        raise _damaged(path, f"no {MANIFEST}")
+    manifest = _read(path, MANIFEST)
+    if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get("version")) != (FORMAT, VERSION):
+        raise _damaged(path, f"{MANIFEST} is not a {FORMAT} v{VERSION} manifest")
+    engine, saved = _engine(accelerator), manifest.get("engine")
+    if engine != saved:
+        raise ValueError(
+            f"cannot resume from {path}: it was written under {saved or 'no sharding engine'} and this run uses "
+            f"{engine or 'none'}; resume with the accelerate setup (FSDP / DeepSpeed or neither) that wrote it"
+        )
+    missing = [f for f in manifest.get("files", []) if not (path / f).is_file()]
+    if missing:
+        raise _damaged(path, f"missing {', '.join(missing)}")
+    return manifest
+
+
+def load_training_state(accelerator: Any, model: torch.nn.Module, optimizer: Any, input_dir: str | Path) -> None:
+    """Restore a :func:`save_training_state` directory into the prepared ``model`` and ``optimizer`` (bit-exact:
+    ``optimizer.state_dict()`` equals the saved one) and the global RNGs. Call on every process: each loads the
+    parameters and optimizer state, and its own RNG states (skipped, with a warning, when the process count changed).
+
+    Everything is read and checked first, so on error the model, the optimizer and the RNGs are unchanged.
+
+    Raises:
+        ValueError: naming the directory and the fix, when it is incomplete or damaged, was written under another
+            backend (FSDP / DeepSpeed vs neither), or does not fit the student (trainable names, shapes, dtypes,
+            adapter mask) or the optimizer (class, parameter per index, param groups).
+    """
+    path = Path(input_dir)
+    manifest = _check_manifest(path, accelerator)
+    if manifest.get("engine"):
+        accelerator.load_state(str(path))
+        return
+    bare = accelerator.unwrap_model(model)
+    problem = _param_mismatch(path, bare, manifest)
+    opt = _read(path, OPT_JSON)
+    try:
+        state_dict = sio.decode(opt["state_dict"], _read(path, OPT_TENSORS))
+        saved = (opt["optimizer"], opt["params"], [len(g["params"]) for g in state_dict["param_groups"]])
+    except (KeyError, TypeError, ValueError) as err:
+        raise _damaged(path, f"{OPT_JSON} and {OPT_TENSORS} do not fit together ({err!r})") from err
+    cls = type(getattr(optimizer, "optimizer", optimizer)).__name__
+    mine = (cls, _optimizer_params(optimizer, bare), [len(g["params"]) for g in optimizer.param_groups])
+    if problem is None and saved != mine:
+        pairs = zip(saved[1], mine[1], strict=False)
+        problem = next(
+            (f"optimizer parameter {i} is {a} in the state but {b} now" for i, (a, b) in enumerate(pairs) if a != b),
+            f"the optimizer is {saved[0]} with groups of {saved[2]} in the state but {mine[0]} with {mine[2]} now",
+        )
+    if problem is not None:
+        raise ValueError(f"cannot resume from {path}: {problem}; {_MISMATCH_FIX}")
+    rank, rng = accelerator.process_index, None
+    if manifest.get("num_processes") == accelerator.num_processes:
+        rng = _read_rng(path, rank)
+    elif accelerator.is_main_process:
+        warnings.warn(
+            f"{path} was written by {manifest.get('num_processes')} processes and this run has "
+            f"{accelerator.num_processes}: the global RNG states (dropout only) are not restored",
+            stacklevel=2,
+        )
+    params = _read(path, PARAMS)
+    # Everything is checked: apply (the optimizer first; torch checks its groups again before changing anything).
+    optimizer.load_state_dict(state_dict)
+    scaler = getattr(accelerator, "scaler", None)
+    if scaler is not None and opt.get("grad_scaler"):
+        scaler.load_state_dict(opt["grad_scaler"])
+    with torch.no_grad():
+        for name, p in _trainable(bare).items():
+            p.copy_(params[name])
+    if rng is not None:
+        sio.set_rng(*rng)

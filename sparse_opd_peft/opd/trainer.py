@@ -400,13 +400,18 @@ class OPDTrainer:
         save_trainable_state(self.accelerator, self.model, path, self.step)
 
     def save_state(self, output_dir: str | Path) -> None:
-        """Resumable state: ``accelerator.save_state`` (weights, optimizer, RNG) + step, history and config."""
+        """Resumable, pickle-free state (layout in :mod:`.checkpoint`): the trainable parameters, the optimizer and
+        RNG states (safetensors + JSON) with step, history and config. Call on every process; the main process
+        writes (every process its own RNG files)."""
         payload = {"step": self.step, "history": self.history, "config": self.config.to_dict()}
-        save_training_state(self.accelerator, output_dir, payload)
+        save_training_state(self.accelerator, self.model, self.optimizer, output_dir, payload)
 
     def load_state(self, input_dir: str | Path) -> None:
-        """Restore a :meth:`save_state` directory (``ValueError`` when it is not one, or was written with a config
-        that changes the trajectory: only bookkeeping fields such as ``steps`` or ``eval_every`` may differ)."""
+        """Restore a :meth:`save_state` directory on every process (``ValueError`` when it is not one, is incomplete
+        or damaged, does not fit the student / optimizer, or was written with a config that changes the trajectory:
+        only bookkeeping fields such as ``steps`` or ``eval_every`` may differ). Nothing changes on error."""
+        from .checkpoint import load_training_state
+
         state = read_training_state(input_dir)
         diff = OPDConfig.from_dict(state["config"]).trajectory_diff(self.config)
         if diff:
@@ -414,6 +419,6 @@ class OPDTrainer:
             raise ValueError(
                 f"cannot resume from {input_dir}: the config differs in {detail}; resume with the saved values"
             )
-        self.accelerator.load_state(str(input_dir))
+        load_training_state(self.accelerator, self.model, self.optimizer, input_dir)
         self.step = int(state["step"])
         self.history = [dict(h) for h in state["history"]]
