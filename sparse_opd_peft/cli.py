@@ -239,7 +239,11 @@ def demo(
         None, "--cache-dir", help="Toy-world cache (default $SPARSE_OPD_CACHE or ~/.cache)."
     ),
     task: str = typer.Option("add", "--task", help="Toy task to distil (add | sub)."),
+    loss: str = typer.Option(
+        "full_kl", "--loss", help="OPD loss: full_kl (exact reverse KL; default, stable here) | sampled_token."
+    ),
     steps: int = typer.Option(250, "--steps", help="OPD steps of every run (full, masked, random)."),
+    warmup_steps: int = typer.Option(10, "--warmup-steps", help="Linear lr warm-up steps before the decay."),
     batch_size: int = typer.Option(64, "--batch-size", help="Prompts per step."),
     lr: float = typer.Option(1e-3, "--lr", help="Learning rate of full OPD (linear decay)."),
     adapter_lr: float = typer.Option(1e-3, "--adapter-lr", help="Learning rate of the masked runs."),
@@ -256,7 +260,7 @@ def demo(
         if not 0 < density < 1:
             raise ValueError(f"--density must be in (0, 1), got {density}")
         cfg = DemoConfig(
-            out=str(out), cache_dir=str(cache_dir) if cache_dir else None, task=task, steps=steps,
+            out=str(out), cache_dir=str(cache_dir) if cache_dir else None, task=task, loss=loss, steps=steps, warmup_steps=warmup_steps,
             batch_size=batch_size, lr=lr, adapter_lr=adapter_lr, density=density, eval_samples=eval_samples,
             seed=seed, tiny=tiny, progress=not quiet,
         )  # fmt: skip

@@ -1,7 +1,7 @@
 """The end-to-end story on the embedded toy world (``sparse-opd demo``).
 
 1. build or load the toy world (teacher, weak student anchor, tasks);
-2. full OPD of the student from the anchor (sampled-token reverse KL, lr with linear decay);
+2. full OPD of the student from the anchor (exact reverse KL by default, lr warm-up + linear decay);
 3. diagnose W0 -> W+ (report.json / report.md / PNGs);
 4. extract a top-k |ΔW| mask from the checkpoint delta;
 5. retrain only the mask's coordinates from W0 with OPD (the sparse adapter), and a random mask of the same
@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,7 +29,9 @@ class DemoConfig:
     out: str = "runs/demo"
     cache_dir: str | None = None
     task: str = "add"
+    loss: str = "full_kl"
     steps: int = 250
+    warmup_steps: int = 10
     batch_size: int = 64
     lr: float = 1e-3
     adapter_lr: float = 1e-3
@@ -41,42 +42,25 @@ class DemoConfig:
     progress: bool = True
 
 
-def _opd(student, world, cfg: DemoConfig, lr: float, tag: str, out: Path):
-    from .opd import OPDConfig, OPDTrainer
+def _run_config(cfg: DemoConfig, lr: float, out: Path):
+    from .toy import ToyRunConfig
 
-    task = world.tasks[cfg.task]
-    data = world.datasets[cfg.task]
-    config = OPDConfig(
-        loss="sampled_token",
-        lr=lr,
-        lr_schedule="linear",
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        max_new_tokens=len(data["heldout"][0]["answer"]) + 2,
-        seed=cfg.seed,
-        progress_bar=cfg.progress,
-        save_every=max(cfg.steps // 5, 1),
-        checkpoint_dir=str(out / "checkpoints" / tag),
-    )
-    trainer = OPDTrainer(
-        student,
-        world.teacher,
-        world.tokenizer,
-        data["train"],
-        config,
-        reward_fn=lambda prompts, completions, answers: task.rewards(prompts, completions),
-    )
-    t0 = time.time()
-    history = trainer.train()
-    return trainer.accelerator.unwrap_model(trainer.model), history, time.time() - t0
+    return ToyRunConfig(
+        task=cfg.task, loss=cfg.loss, lr=lr, steps=cfg.steps, batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps,
+        seed=cfg.seed, save_every=max(cfg.steps // 5, 1), progress=cfg.progress,
+    )  # fmt: skip
+
+
+def _opd(student, world, cfg: DemoConfig, lr: float, tag: str, out: Path):
+    from .toy import opd_run
+
+    return opd_run(student, world, _run_config(cfg, lr, out), checkpoint_dir=out / "checkpoints" / tag)
 
 
 def _accuracy(model, world, cfg: DemoConfig) -> float:
-    from .toy import evaluate_accuracy
+    from .toy import heldout_accuracy
 
-    heldout = world.datasets[cfg.task]["heldout"]
-    heldout = heldout.select(range(min(cfg.eval_samples, len(heldout))))
-    return float(evaluate_accuracy(model, world.tokenizer, heldout, cfg.task))
+    return heldout_accuracy(model, world, cfg.task, cfg.eval_samples)
 
 
 def _plot(rows: list[dict], histories: dict[str, list[dict]], path: Path) -> None:
@@ -145,6 +129,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         rows.append({"run": name, "accuracy": _accuracy(trained, world, cfg), "trainable": m.nnz(), "seconds": secs})
         if adapter_model is None:
             adapter_model = trained
+    from .model_card import record_training
+
+    recipe = asdict(_run_config(cfg, cfg.adapter_lr, out))
+    recipe.update(
+        teacher=str(world.path / "teacher"), optimizer="adamw", mask=f"top-{cfg.density:.0%} |dW| of full OPD"
+    )
+    record_training(adapter_model, recipe, diagnostics=result)
     save_adapter(adapter_model, out / "adapter")
     visibility = adapter_model.bf16_visibility()["share"]
     merged = adapter_model.merge_and_unload()

@@ -1,4 +1,4 @@
-"""The README's main command (examples/quickstart.py) runs end to end."""
+"""examples/quickstart.py (the 20-line API walk-through on a small Qwen3) runs end to end."""
 
 from __future__ import annotations
 

@@ -12,7 +12,13 @@ Multi-process: ``accelerate launch --num_processes 2 script.py`` (GPUs) runs the
 With the same global ``batch_size`` and seed it gives the single-process result up to float rounding.
 """
 
-from .checkpoint import read_training_state, save_trainable_state, save_training_state, trainable_state_dict
+from .checkpoint import (
+    load_training_state,
+    read_training_state,
+    save_trainable_state,
+    save_training_state,
+    trainable_state_dict,
+)
 from .config import LOSSES, TOKEN_KEEP, OPDConfig
 from .losses import (
     discounted_future_sum,
@@ -66,6 +72,7 @@ __all__ = [
     "sample_seed",
     "sampled_token_advantages",
     "save_trainable_state",
+    "load_training_state",
     "save_training_state",
     "token_keep_weights",
     "token_logprobs",

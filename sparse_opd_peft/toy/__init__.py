@@ -12,11 +12,15 @@ Quick start::
 
 from .evaluate import evaluate_accuracy, greedy_completions
 from .models import ModelSpec, build_model, lr_factor, tokenize_sft, train_sft
+from .runs import ToyRunConfig, heldout_accuracy, opd_run
 from .tasks import TASKS, Task, get_task, make_splits
 from .tokenizer import BOS_TOKEN, CHARS, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, build_tokenizer
 from .world import RECIPE_VERSION, ToyRecipe, ToyWorld, build_world, cache_key, default_cache_dir, load_world
 
 __all__ = [
+    "ToyRunConfig",
+    "heldout_accuracy",
+    "opd_run",
     "BOS_TOKEN",
     "CHARS",
     "EOS_TOKEN",

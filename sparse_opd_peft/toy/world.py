@@ -67,7 +67,7 @@ class ToyRecipe:
         default_factory=lambda: ModelSpec(128, 4, 4, 2, 32, 512, steps=1200, lr=1e-3, warmup_steps=50)
     )
     student: ModelSpec = field(
-        default_factory=lambda: ModelSpec(64, 2, 4, 2, 16, 256, steps=500, lr=1e-3, warmup_steps=50, decay_steps=1200)
+        default_factory=lambda: ModelSpec(64, 2, 4, 2, 16, 256, steps=650, lr=1e-3, warmup_steps=50, decay_steps=2000)
     )
     num_threads: int = 1
 

@@ -1,0 +1,111 @@
+"""One OPD run on the toy world, and held-out accuracy: the building block of the demo and the benchmarks.
+
+The defaults are the recipe measured to learn on the default toy world (see README "OPD on the toy world"):
+``full_kl`` (exact reverse KL over the 20-token vocabulary at every visited prefix), AdamW lr 1e-3 with 10 warm-up
+steps and linear decay, 64 prompts per step. The per-token ``sampled_token`` estimator of the same gradient is
+unbiased but, with a teacher that puts 10-18 nats between its answer and a wrong digit, its variance at 64
+samples per step destabilises the first steps; it is measured side by side in ``benchmarks/bench_opd_masks.py``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from .evaluate import evaluate_accuracy
+from .world import ToyWorld
+
+__all__ = ["ToyRunConfig", "heldout_accuracy", "opd_run"]
+
+
+@dataclass(frozen=True)
+class ToyRunConfig:
+    """Settings of one toy OPD run (mapped onto :class:`~sparse_opd_peft.opd.OPDConfig`).
+
+    Attributes:
+        task: toy task name (``"add"`` / ``"sub"``).
+        loss: any ``OPDConfig.loss`` (``"full_kl"``, ``"sampled_token"``, ``"sft"``, ``"rlvr"``, ``"mix"``).
+        lr, steps, batch_size, warmup_steps, optimizer, seed: as in ``OPDConfig`` (linear decay to 0).
+        num_generations: samples per prompt (``rlvr`` / ``mix`` need >= 2).
+        save_every: trainable-state snapshots every this many steps (0 = none) into ``checkpoint_dir``.
+        eval_every: held-out accuracy every this many steps on ``eval_samples`` prompts (0 = never).
+        progress: progress bar.
+    """
+
+    task: str = "add"
+    loss: str = "full_kl"
+    lr: float = 1e-3
+    steps: int = 250
+    batch_size: int = 64
+    warmup_steps: int = 10
+    optimizer: str = "adamw"
+    seed: int = 0
+    num_generations: int = 1
+    save_every: int = 0
+    eval_every: int = 0
+    eval_samples: int = 500
+    progress: bool = True
+
+    def with_(self, **changes: Any) -> ToyRunConfig:
+        """A copy with ``changes`` applied."""
+        return replace(self, **changes)
+
+
+def heldout_accuracy(model: torch.nn.Module, world: ToyWorld, task: str, n: int = 2000) -> float:
+    """Greedy exact-match accuracy of ``model`` on the first ``n`` held-out prompts of ``task`` (a share in [0, 1])."""
+    if task not in world.datasets:
+        raise ValueError(f"task {task!r} is not in the toy world (has {sorted(world.datasets)})")
+    heldout = world.datasets[task]["heldout"]
+    return float(evaluate_accuracy(model, world.tokenizer, heldout.select(range(min(n, len(heldout)))), task))
+
+
+def opd_run(
+    student: torch.nn.Module,
+    world: ToyWorld,
+    cfg: ToyRunConfig,
+    checkpoint_dir: Optional[str | Path] = None,
+) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
+    """Train ``student`` (plain, LoRA- or SparseOPD-wrapped) on ``cfg.task`` with the world's teacher.
+
+    Returns:
+        ``(trained model (unwrapped from accelerate), per-step history, wall-clock seconds)``.
+    """
+    from ..opd import OPDConfig, OPDTrainer
+
+    if cfg.task not in world.tasks:
+        raise ValueError(f"task {cfg.task!r} is not in the toy world (has {sorted(world.tasks)})")
+    task = world.tasks[cfg.task]
+    data = world.datasets[cfg.task]
+    config = OPDConfig(
+        loss=cfg.loss,
+        lr=cfg.lr,
+        lr_schedule="linear",
+        warmup_steps=cfg.warmup_steps,
+        optimizer=cfg.optimizer,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+        num_generations=cfg.num_generations,
+        max_new_tokens=task.answer_width + 2,
+        seed=cfg.seed,
+        progress_bar=cfg.progress,
+        save_every=cfg.save_every if checkpoint_dir else 0,
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+        eval_every=cfg.eval_every,
+        eval_samples=cfg.eval_samples,
+    )
+    trainer = OPDTrainer(
+        student,
+        world.teacher,
+        world.tokenizer,
+        data["train"],
+        config,
+        eval_dataset=data["heldout"] if cfg.eval_every else None,
+        reward_fn=lambda prompts, completions, answers: task.rewards(prompts, completions),
+    )
+    t0 = time.perf_counter()
+    history = trainer.train()
+    return trainer.accelerator.unwrap_model(trainer.model), history, time.perf_counter() - t0
