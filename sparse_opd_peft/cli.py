@@ -268,6 +268,39 @@ def demo(
     typer.echo((out / "demo.md").read_text())
 
 
+@app.command(
+    epilog="Examples: sparse-opd study --out runs/study; sparse-opd study --out runs/study --sections recovery"
+)
+def study(
+    out: Path = typer.Option(Path("runs/study"), "--out", "-o", help="Output directory (re-run to resume)."),
+    seeds: int = typer.Option(3, "--seeds", help="Seeds per configuration."),
+    sections: list[str] = typer.Option(
+        None,
+        "--sections",
+        help="Run only these sections (repeat): geometry recovery subspace controls predictors savings.",
+    ),
+    cache_dir: Path = typer.Option(
+        None, "--cache-dir", help="Toy-world cache (default $SPARSE_OPD_CACHE or ~/.cache)."
+    ),
+    steps: int = typer.Option(250, "--steps", help="OPD steps of every matched-budget run."),
+    eval_samples: int = typer.Option(2000, "--eval-samples", help="Held-out prompts per accuracy."),
+    threads: int = typer.Option(2, "--threads", help="torch threads."),
+    tiny: bool = typer.Option(False, "--tiny", help="Tiny world and budget (smoke test; numbers mean nothing)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """The papers' findings reproduced side by side on the toy world: writes study.json, study.md and plots."""
+    from .study import SECTIONS, StudyConfig, run_study
+
+    with cli_errors():
+        cfg = StudyConfig(
+            out=str(out), cache_dir=str(cache_dir) if cache_dir else None, seeds=seeds, steps=steps,
+            eval_samples=eval_samples, threads=threads, sections=tuple(sections) if sections else SECTIONS,
+            tiny=tiny, progress=not quiet,
+        )  # fmt: skip
+        run_study(cfg)
+    typer.echo(f"wrote {out / 'study.md'} and {out / 'study.json'}")
+
+
 def _register_workflow_commands() -> None:
     """Commands defined in sibling modules register themselves on :data:`app` when imported."""
     from . import cli_hub, cli_workflow  # noqa: F401

@@ -1,0 +1,255 @@
+"""The study's framework: settings, the cached run store, the shared context handed to every section, and the
+driver that writes ``study.json`` / ``study.md`` / PNGs.
+
+Every section is a module in this package with ``run(ctx: StudyContext) -> Section``. A section asks the context
+for runs (``ctx.opd(...)``, ``ctx.cached(...)``); a finished run is a JSON file in ``<out>/runs/`` (plus its
+artefacts in ``<out>/artifacts/<name>/``) and is skipped on a re-run, so the study is resumable: kill it, start it
+again with the same ``--out``, and only unfinished runs execute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+SECTIONS = ("geometry", "recovery", "subspace", "controls", "predictors", "savings")
+
+
+@dataclass
+class StudyConfig:
+    """Settings of :func:`run_study` (defaults: the full study, about an hour on 2 CPU cores).
+
+    Attributes:
+        out: output directory (``study.json``, ``study.md``, ``plots/``, ``runs/``, ``artifacts/``).
+        cache_dir: toy-world cache (default ``$SPARSE_OPD_CACHE`` or ``~/.cache/sparse_opd_peft/toy``).
+        seeds: seeds per configuration (runs differ in rollout sampling / data order, not in the anchor).
+        task: toy task every run trains on.
+        steps, batch_size, lr: the matched OPD budget of the sections (linear decay, 10 warm-up steps).
+        eval_samples: held-out prompts for every final accuracy.
+        threads: torch intra-op threads.
+        sections: which sections to run, in order (names from :data:`SECTIONS`).
+        tiny: the tiny toy world and a few steps (smoke tests; numbers mean nothing).
+        progress: progress bars.
+    """
+
+    out: str = "runs/study"
+    cache_dir: Optional[str] = None
+    seeds: int = 3
+    task: str = "add"
+    steps: int = 250
+    batch_size: int = 64
+    lr: float = 1e-3
+    eval_samples: int = 2000
+    threads: int = 2
+    sections: tuple[str, ...] = SECTIONS
+    tiny: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sections if s not in SECTIONS]
+        if unknown:
+            raise ValueError(f"unknown study section(s) {unknown}; choose from {list(SECTIONS)}")
+        if self.seeds < 1 or self.steps < 1 or self.batch_size < 1 or self.eval_samples < 1:
+            raise ValueError("seeds, steps, batch_size and eval_samples must all be >= 1")
+
+
+@dataclass
+class Section:
+    """What a section returns.
+
+    Attributes:
+        name: section module name. title: heading in ``study.md``.
+        markdown: the section's body (tables with mean ± std over seeds, the papers' figures in a column beside
+            ours, and one line per paper claim saying whether the toy world reproduces it).
+        data: JSON-serialisable numbers behind the tables (goes to ``study.json``).
+        plots: PNG paths written (relative to ``out``).
+    """
+
+    name: str
+    title: str
+    markdown: str
+    data: dict[str, Any] = field(default_factory=dict)
+    plots: list[str] = field(default_factory=list)
+
+
+def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
+    """``"m ± s"`` of ``values * scale`` (just ``"m"`` for one value; ``"–"`` for none)."""
+    v = [scale * float(x) for x in values if x is not None]
+    if not v:
+        return "–"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{statistics.mean(v):.{digits}f} ± {statistics.stdev(v):.{digits}f}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class StudyContext:
+    """Shared state of one study: config, toy world, run store, and helpers to train / evaluate on it."""
+
+    def __init__(self, config: StudyConfig):
+        from ..toy import ToyRecipe, ToyRunConfig, build_world
+
+        self.config = config
+        self.out = Path(config.out)
+        self.runs_dir = self.out / "runs"
+        self.artifacts = self.out / "artifacts"
+        self.plots = self.out / "plots"
+        for d in (self.runs_dir, self.artifacts, self.plots):
+            d.mkdir(parents=True, exist_ok=True)
+        self.world = build_world(config.cache_dir, ToyRecipe.tiny() if config.tiny else None, progress=config.progress)
+        if config.task not in self.world.tasks:
+            raise ValueError(f"task {config.task!r} is not in the toy world (has {sorted(self.world.tasks)})")
+        self.seeds = list(range(config.seeds))
+        self.base = ToyRunConfig(
+            task=config.task, lr=config.lr, steps=config.steps, batch_size=config.batch_size,
+            progress=config.progress, eval_samples=min(500, config.eval_samples),
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------ run store
+    def artifact_dir(self, name: str) -> Path:
+        """Directory for a run's files (checkpoints, saved models, masks)."""
+        return self.artifacts / name
+
+    def cached(self, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        """Result of run ``name``: loaded from ``runs/<name>.json`` when finished before, else ``fn()`` (its dict
+        gets ``wall_seconds``) written atomically. ``name`` must be a file-name-safe string."""
+        if not name or any(c in name for c in "/\\ "):
+            raise ValueError(f"run name {name!r} must be non-empty, without slashes or spaces")
+        path = self.runs_dir / f"{name}.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        t0 = time.perf_counter()
+        result = fn()
+        result["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        write_atomic(path, json.dumps(result, indent=1, default=float))
+        return result
+
+    # ------------------------------------------------------------------ training helpers
+    def accuracy(self, model: torch.nn.Module, task: Optional[str] = None) -> float:
+        """Held-out greedy accuracy (share) on ``config.eval_samples`` prompts of ``task`` (default the study's)."""
+        from ..toy import heldout_accuracy
+
+        return heldout_accuracy(model, self.world, task or self.config.task, self.config.eval_samples)
+
+    def opd(
+        self,
+        name: str,
+        make_student: Callable[[], torch.nn.Module],
+        *,
+        save_model: bool = False,
+        save_every: int = 0,
+        **changes: Any,
+    ) -> dict[str, Any]:
+        """Cached training run: ``opd_run(make_student(), world, base.with_(**changes))`` then held-out accuracy.
+
+        Args:
+            name: run name (cache key; include the seed).
+            make_student: builds a fresh student (plain, LoRA or SparseOPD-wrapped) from the anchor.
+            save_model: save the final model (``save_pretrained``) to ``artifact_dir(name)/final`` — for a PEFT
+                model the merged weights (``merge_and_unload``), so diagnostics can read a plain checkpoint.
+            save_every: trainable-state snapshots every this many steps into ``artifact_dir(name)/checkpoints``.
+            changes: :class:`~sparse_opd_peft.toy.ToyRunConfig` fields (``seed``, ``loss``, ``lr``, ...).
+
+        Returns:
+            ``{"acc", "train_seconds", "history": [per-step metrics], "trainable", "config"}``.
+        """
+        from ..toy import opd_run
+
+        def run() -> dict[str, Any]:
+            cfg = self.base.with_(save_every=save_every, **changes)
+            ckpt = self.artifact_dir(name) / "checkpoints" if save_every else None
+            student = make_student()
+            trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+            model, history, secs = opd_run(student, self.world, cfg, checkpoint_dir=ckpt)
+            acc = self.accuracy(model)
+            if save_model:
+                plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+                plain.save_pretrained(self.artifact_dir(name) / "final")
+            keep = ("step", "loss", "kl", "kl_exact", "reward", "accuracy", "eval_accuracy", "lr", "tokens_per_s")
+            hist = [{k: h[k] for k in keep if k in h} for h in history]
+            return {"acc": acc, "train_seconds": secs, "history": hist, "trainable": trainable, "config": asdict(cfg)}
+
+        return self.cached(name, run)
+
+    def full_opd(self, seed: int) -> tuple[dict[str, Any], Path]:
+        """The shared full-parameter OPD run of ``seed`` (default loss, matched budget), with the final model saved
+        and 10 trainable-state snapshots; every section that needs "the full OPD run" uses this one.
+
+        Returns:
+            ``(result dict of :meth:`opd`, directory of the final model (W+))``; snapshots are
+            ``artifact_dir(name)/checkpoints/step_<k>.safetensors``.
+        """
+        name = f"opd_full_s{seed}"
+        result = self.opd(
+            name, self.world.load_student, save_model=True, save_every=max(self.config.steps // 10, 1), seed=seed
+        )
+        final = self.artifact_dir(name) / "final"
+        if not final.exists():  # result cached but artefacts removed: run again
+            (self.runs_dir / f"{name}.json").unlink()
+            result = self.opd(
+                name, self.world.load_student, save_model=True, save_every=max(self.config.steps // 10, 1), seed=seed
+            )
+        return result, final
+
+    def student_path(self) -> Path:
+        """Directory of the anchor W0 (a plain checkpoint, for diagnostics and mask builders)."""
+        return Path(self.world.student_path)
+
+
+def run_study(config: StudyConfig) -> dict[str, Any]:
+    """Run the configured sections in order; write ``study.json`` and ``study.md`` to ``config.out``.
+
+    Returns:
+        the ``study.json`` dict (config, per-section data, plots, wall-clock).
+    """
+    import importlib
+
+    torch.set_num_threads(config.threads)
+    t0 = time.perf_counter()
+    ctx = StudyContext(config)
+    sections: list[Section] = []
+    for name in config.sections:
+        module = importlib.import_module(f"{__package__}.{name}")
+        sections.append(module.run(ctx))
+    world = ctx.world
+    header = [
+        "# Study: the papers' findings on the toy world",
+        "",
+        f"Generated by `sparse-opd study --out {config.out} --seeds {config.seeds}` "
+        f"(task `{config.task}`, {config.steps} steps × {config.batch_size} prompts, lr {config.lr:g}, "
+        f"{config.eval_samples} held-out prompts; anchor {100 * world.accuracies['student'][config.task]:.1f} %, "
+        f"teacher {100 * world.accuracies['teacher'][config.task]:.1f} % at build). Mean ± std over seeds.",
+        "",
+    ]
+    body = [f"## {s.title}\n\n{s.markdown.strip()}\n" for s in sections]
+    write_atomic(ctx.out / "study.md", "\n".join(header + body))
+    summary = {
+        "config": asdict(config),
+        "world": {"key": world.key, "accuracies_at_build": world.accuracies},
+        "runs": {p.stem: json.loads(p.read_text()) for p in sorted(ctx.runs_dir.glob("*.json"))},
+        "sections": {s.name: {"title": s.title, "data": s.data, "plots": s.plots} for s in sections},
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    write_atomic(ctx.out / "study.json", json.dumps(summary, indent=1, default=float))
+    return summary
