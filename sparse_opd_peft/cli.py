@@ -251,6 +251,7 @@ def demo(
     eval_samples: int = typer.Option(2000, "--eval-samples", help="Held-out prompts for accuracy."),
     seed: int = typer.Option(0, "--seed", help="Seed of every run."),
     tiny: bool = typer.Option(False, "--tiny", help="Tiny world (seconds; for smoke tests, not for results)."),
+    threads: int = typer.Option(1, "--threads", help="torch threads (1 is fastest for the tiny toy models)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Whole story on the offline toy world: full OPD, diagnostics, mask, masked retrain vs random, merge, report."""
@@ -262,7 +263,7 @@ def demo(
         cfg = DemoConfig(
             out=str(out), cache_dir=str(cache_dir) if cache_dir else None, task=task, loss=loss, steps=steps, warmup_steps=warmup_steps,
             batch_size=batch_size, lr=lr, adapter_lr=adapter_lr, density=density, eval_samples=eval_samples,
-            seed=seed, tiny=tiny, progress=not quiet,
+            seed=seed, tiny=tiny, threads=threads, progress=not quiet,
         )  # fmt: skip
         run_demo(cfg)
     typer.echo((out / "demo.md").read_text())
@@ -284,7 +285,7 @@ def study(
     ),
     steps: int = typer.Option(250, "--steps", help="OPD steps of every matched-budget run."),
     eval_samples: int = typer.Option(2000, "--eval-samples", help="Held-out prompts per accuracy."),
-    threads: int = typer.Option(2, "--threads", help="torch threads."),
+    threads: int = typer.Option(1, "--threads", help="torch threads (1 is fastest for the tiny toy models)."),
     tiny: bool = typer.Option(False, "--tiny", help="Tiny world and budget (smoke test; numbers mean nothing)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
