@@ -31,6 +31,8 @@ class ToyRunConfig:
         loss: any ``OPDConfig.loss`` (``"full_kl"``, ``"sampled_token"``, ``"sft"``, ``"rlvr"``, ``"mix"``).
         lr, steps, batch_size, warmup_steps, optimizer, seed: as in ``OPDConfig`` (linear decay to 0).
         num_generations: samples per prompt (``rlvr`` / ``mix`` need >= 2).
+        token_keep, token_keep_ratio, off_policy, alpha: the papers' controls, as in ``OPDConfig`` (token
+            sparsification, teacher rollouts, the OPD / RLVR mix weight of ``loss="mix"``).
         save_every: trainable-state snapshots every this many steps (0 = none) into ``checkpoint_dir``.
         eval_every: held-out accuracy every this many steps on ``eval_samples`` prompts (0 = never).
         progress: progress bar.
@@ -45,6 +47,10 @@ class ToyRunConfig:
     optimizer: str = "adamw"
     seed: int = 0
     num_generations: int = 1
+    token_keep: str = "all"
+    token_keep_ratio: float = 1.0
+    off_policy: bool = False
+    alpha: float = 0.5
     save_every: int = 0
     eval_every: int = 0
     eval_samples: int = 500
@@ -89,6 +95,10 @@ def opd_run(
         steps=cfg.steps,
         batch_size=cfg.batch_size,
         num_generations=cfg.num_generations,
+        token_keep=cfg.token_keep,
+        token_keep_ratio=cfg.token_keep_ratio,
+        off_policy=cfg.off_policy,
+        alpha=cfg.alpha,
         max_new_tokens=task.answer_width + 2,
         seed=cfg.seed,
         progress_bar=cfg.progress,
@@ -109,3 +119,63 @@ def opd_run(
     t0 = time.perf_counter()
     history = trainer.train()
     return trainer.accelerator.unwrap_model(trainer.model), history, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Added for the study's predictor / savings sections: the OPDConfig of a toy run, and its first steps only.
+
+
+def opd_config(world: ToyWorld, cfg: ToyRunConfig, checkpoint_dir: Optional[str | Path] = None):
+    """The :class:`~sparse_opd_peft.opd.OPDConfig` that :func:`opd_run` builds for ``cfg`` (same mapping; a test
+    checks the two stay equal)."""
+    from ..opd import OPDConfig
+
+    if cfg.task not in world.tasks:
+        raise ValueError(f"task {cfg.task!r} is not in the toy world (has {sorted(world.tasks)})")
+    return OPDConfig(
+        loss=cfg.loss, lr=cfg.lr, lr_schedule="linear", warmup_steps=cfg.warmup_steps, optimizer=cfg.optimizer,
+        steps=cfg.steps, batch_size=cfg.batch_size, num_generations=cfg.num_generations,
+        max_new_tokens=world.tasks[cfg.task].answer_width + 2, seed=cfg.seed, progress_bar=cfg.progress,
+        save_every=cfg.save_every if checkpoint_dir else 0,
+        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+        eval_every=cfg.eval_every, eval_samples=cfg.eval_samples,
+    )  # fmt: skip
+
+
+def toy_reward_fn(world: ToyWorld, task: str):
+    """The verifier reward :func:`opd_run` passes to the trainer for ``task``."""
+    t = world.tasks[task]
+    return lambda prompts, completions, answers: t.rewards(prompts, completions)
+
+
+def opd_probe_run(
+    student: torch.nn.Module, world: ToyWorld, cfg: ToyRunConfig, stops: list[int]
+) -> tuple[torch.nn.Module, dict[int, dict[str, torch.Tensor]], dict[int, float], list[dict[str, float]]]:
+    """The first ``max(stops)`` steps of the run ``cfg`` describes (same lr schedule over ``cfg.steps``, same
+    rollouts), with the trainable state taken at every step in ``stops``: what a probe run before the full run
+    costs and yields.
+
+    Returns:
+        ``(model, {stop: trainable_state_dict}, {stop: cumulative training seconds}, per-step history)``.
+    """
+    from ..opd import OPDTrainer, trainable_state_dict
+
+    stops = sorted({int(s) for s in stops})
+    if not stops or stops[0] < 1 or stops[-1] > cfg.steps:
+        raise ValueError(f"stops must be steps in [1, {cfg.steps}], got {stops}")
+    data = world.datasets[cfg.task]
+    trainer = OPDTrainer(
+        student, world.teacher, world.tokenizer, data["train"], opd_config(world, cfg.with_(eval_every=0)),
+        reward_fn=toy_reward_fn(world, cfg.task),
+    )  # fmt: skip
+    states, seconds, spent = {}, {}, 0.0
+    for stop in stops:
+        t0 = time.perf_counter()
+        trainer.train(max_steps=stop)
+        spent += time.perf_counter() - t0
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        states[stop], seconds[stop] = trainable_state_dict(model), spent
+    return trainer.accelerator.unwrap_model(trainer.model), states, seconds, trainer.history
+
+
+__all__ += ["opd_config", "opd_probe_run", "toy_reward_fn"]

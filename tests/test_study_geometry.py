@@ -1,0 +1,149 @@
+"""The study's "Where OPD sits" (geometry) and "Controls" sections on the tiny toy world: fields, tables, numbers in
+range, PNGs, and a second run served entirely from the run cache (no training, no diagnostics)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sparse_opd_peft.study import StudyConfig, StudyContext, controls, geometry, run_study
+
+
+def _config(root: Path) -> StudyConfig:
+    return StudyConfig(
+        out=str(root / "study"), cache_dir=str(root / "toy"), tiny=True, steps=4, seeds=1, eval_samples=16,
+        progress=False, threads=1, sections=("geometry", "controls"),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study_geometry")
+    ctx = StudyContext(_config(root))
+    return root, ctx, geometry.run(ctx), controls.run(ctx)
+
+
+def _numbers(obj, path="data"):
+    """Every number in a JSON-like tree as ``(path, value)``."""
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+def _check_data(data: dict) -> None:
+    json.dumps(data, allow_nan=False)  # JSON-serialisable, no NaN / inf
+    shares = ("acc", "bf16_sparsity", "ffn_energy_share", "ffn_param_share", "low_magnitude_overlap",
+              "principal_overlap", "sim_k", "sim_early", "sim_random", "kept_share")  # fmt: skip
+    for path, value in _numbers(data):
+        assert math.isfinite(value), path
+        leaf = path.rsplit(".", 1)[-1].split("[")[0]
+        if leaf in shares or path.split(".")[-2:-1] == ["kept_share"]:
+            assert -1e-9 <= value <= 1 + 1e-9, (path, value)
+        if leaf in ("stable_rank", "stable_rank_end", "fro_norm", "fro_end", "nss", "train_seconds"):
+            assert value >= 0, (path, value)
+
+
+def _check_plots(root: Path, plots: list[str]) -> None:
+    assert plots
+    for p in plots:
+        f = root / "study" / p
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000, p
+
+
+def test_geometry_section(study):
+    root, _, sec, _ = study
+    assert sec.name == "geometry" and sec.title and sec.markdown
+    md = sec.markdown
+    assert f"| metric | SFT | OPD | RLVR | RLVR* (lr {geometry.RLVR_LR:g}) | paper (SFT / OPD / RLVR) |" in md
+    for row in ("bf16 update sparsity", "FFN share", "low-magnitude overlap", "principal overlap", "NSS",
+                "principal angle", "stable rank", f"Sim_{geometry.SIM_K}", "held-out accuracy"):  # fmt: skip
+        assert row in md, row
+    assert "8.1 / 51.6 / 77.2" in md and "31.9 / 53.6 / 73.5" in md  # the paper's figures beside ours
+    for claim in (
+        "SFT < OPD < RLVR in bf16 sparsity",
+        "FFN-heavy",
+        "low-magnitude weights",
+        "locks early",
+        "SFT expands",
+        "Rotation and spectral drift",
+    ):
+        line = next(ln for ln in md.splitlines() if ln.startswith("- *") and claim in ln)
+        assert "reproduced**" in line, line
+    assert f"lr {geometry.LOW_LR:g}" in md
+    data = sec.data
+    assert set(data["methods"]) == set(geometry.COLUMNS) == {*geometry.METHODS, "RLVR*"}
+    assert set(data["low_lr"]) >= {"lr", *geometry.METHODS}
+    assert data["methods"]["RLVR*"][0]["run"] == f"geo_rlvr_lr{geometry.RLVR_LR:g}_s0"
+    for m in geometry.COLUMNS:
+        (row,) = data["methods"][m]
+        assert 0 <= row["acc"] <= 1 and 0 <= row["bf16_sparsity"] <= 1
+        (traj,) = data["trajectories"][m]
+        assert [p["step"] for p in traj] == [1, 2, 3, 4]  # every snapshot after step 0, in order
+    assert data["budget"]["num_generations"] == geometry.RLVR_GENERATIONS
+    assert data["budget"]["batch_size"] * data["budget"]["num_generations"] == data["budget"]["sequences_per_step"]
+    opd = data["methods"]["OPD"][0]
+    assert opd["bf16_sparsity"] < 1 and opd["stable_rank"] > 0 and opd["low_magnitude_overlap"] is not None
+    _check_data(data)
+    _check_plots(root, sec.plots)
+
+
+def test_controls_section(study):
+    root, ctx, _, sec = study
+    assert sec.name == "controls" and sec.title and sec.markdown
+    specs = controls.controls(ctx)
+    assert {fam for fam, *_ in specs} == set(controls.FAMILIES)
+    assert len(specs) == 8  # 2 modes × 2 ratios, off-policy, 3 alphas
+    for _, key, label, _ in specs:
+        assert f"| {label} |" in sec.markdown, label
+        (row,) = sec.data["runs"][key]
+        assert 0 <= row["acc"] <= 1 and row["stable_rank_end"] > 0
+    assert "| OPD (full KL, reference) |" in sec.markdown and "| RLVR* (α=0, lr" in sec.markdown
+    assert "| α=1 at lr 0.001 (seed 0 only) |" in sec.markdown and sec.data["witness"]["run"] == "ctl_mix100_s0"
+    assert sec.data["runs"]["mix100"][0]["run"] == f"ctl_mix100_lr{geometry.RLVR_LR:g}_s0"
+    for claim in ("Token sparsification", "Off-policy rollouts", "α-mix changes it"):
+        assert any(claim in ln and "reproduced**" in ln for ln in sec.markdown.splitlines()), claim
+    assert sec.data["kept_share"] == {"0.25": 0.4, "0.5": 0.6}  # ⌈ρ·5⌉ / 5 for 4-digit answers + EOS
+    assert len(sec.plots) == len(controls.FAMILIES)
+    _check_data(sec.data)
+    _check_plots(root, sec.plots)
+
+
+def test_second_run_is_served_from_the_cache(study, monkeypatch):
+    root, _, geo, ctl = study
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a cached study must neither train nor re-run diagnostics")
+
+    import sparse_opd_peft.diagnostics as diagnostics
+    import sparse_opd_peft.toy as toy
+
+    monkeypatch.setattr(toy, "opd_run", boom)
+    monkeypatch.setattr(diagnostics, "diagnose", boom)
+    monkeypatch.setattr(diagnostics, "trajectory", boom)
+    summary = run_study(_config(root))
+    assert summary["sections"]["geometry"]["data"] == json.loads(json.dumps(geo.data))
+    assert summary["sections"]["controls"]["data"] == json.loads(json.dumps(ctl.data))
+    md = (root / "study" / "study.md").read_text()
+    assert geo.title in md and ctl.title in md
+    assert json.loads((root / "study" / "study.json").read_text())["sections"].keys() == {"geometry", "controls"}
+
+
+def test_helpers(tmp_path):
+    for k in (0, 2, 10, 9):
+        (tmp_path / f"step_{k}.safetensors").write_bytes(b"")
+    assert [s for s, _ in geometry.snapshots(tmp_path)] == [2, 9, 10]
+    ref = [{"step": 1, "stable_rank": 2.0}, {"step": 2, "stable_rank": 4.0}]
+    assert controls._rel_gap([{"step": 1, "stable_rank": 3.0}, {"step": 2, "stable_rank": 4.0}], ref) == 0.25
+    assert controls._rel_gap([{"step": 3, "stable_rank": 1.0}], ref) is None
+    assert geometry.clean({"a": [float("nan"), 1.0], "b": float("inf")}) == {"a": [None, 1.0], "b": None}
+    assert geometry._increasing(0.1, 0.2, 0.3) and not geometry._increasing(0.1, float("nan"))
