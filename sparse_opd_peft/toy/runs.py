@@ -80,33 +80,10 @@ def opd_run(
     Returns:
         ``(trained model (unwrapped from accelerate), per-step history, wall-clock seconds)``.
     """
-    from ..opd import OPDConfig, OPDTrainer
+    from ..opd import OPDTrainer
 
-    if cfg.task not in world.tasks:
-        raise ValueError(f"task {cfg.task!r} is not in the toy world (has {sorted(world.tasks)})")
-    task = world.tasks[cfg.task]
+    config = opd_config(world, cfg, checkpoint_dir)
     data = world.datasets[cfg.task]
-    config = OPDConfig(
-        loss=cfg.loss,
-        lr=cfg.lr,
-        lr_schedule="linear",
-        warmup_steps=cfg.warmup_steps,
-        optimizer=cfg.optimizer,
-        steps=cfg.steps,
-        batch_size=cfg.batch_size,
-        num_generations=cfg.num_generations,
-        token_keep=cfg.token_keep,
-        token_keep_ratio=cfg.token_keep_ratio,
-        off_policy=cfg.off_policy,
-        alpha=cfg.alpha,
-        max_new_tokens=task.answer_width + 2,
-        seed=cfg.seed,
-        progress_bar=cfg.progress,
-        save_every=cfg.save_every if checkpoint_dir else 0,
-        checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
-        eval_every=cfg.eval_every,
-        eval_samples=cfg.eval_samples,
-    )
     trainer = OPDTrainer(
         student,
         world.teacher,
@@ -114,7 +91,7 @@ def opd_run(
         data["train"],
         config,
         eval_dataset=data["heldout"] if cfg.eval_every else None,
-        reward_fn=lambda prompts, completions, answers: task.rewards(prompts, completions),
+        reward_fn=toy_reward_fn(world, cfg.task),
     )
     t0 = time.perf_counter()
     history = trainer.train()
@@ -135,6 +112,7 @@ def opd_config(world: ToyWorld, cfg: ToyRunConfig, checkpoint_dir: Optional[str 
     return OPDConfig(
         loss=cfg.loss, lr=cfg.lr, lr_schedule="linear", warmup_steps=cfg.warmup_steps, optimizer=cfg.optimizer,
         steps=cfg.steps, batch_size=cfg.batch_size, num_generations=cfg.num_generations,
+        token_keep=cfg.token_keep, token_keep_ratio=cfg.token_keep_ratio, off_policy=cfg.off_policy, alpha=cfg.alpha,
         max_new_tokens=world.tasks[cfg.task].answer_width + 2, seed=cfg.seed, progress_bar=cfg.progress,
         save_every=cfg.save_every if checkpoint_dir else 0,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,

@@ -1,0 +1,141 @@
+"""The study's "predictors" and "savings" sections on the tiny toy world: fields, rows, finite numbers, PNGs, and a
+second run served entirely from the run cache (no training, no probe, no measurement subprocess)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from sparse_opd_peft.study import StudyConfig, StudyContext, predictors, savings
+
+
+def _config(root: Path) -> StudyConfig:
+    return StudyConfig(
+        out=str(root / "study"), cache_dir=str(root / "toy"), tiny=True, steps=4, seeds=1, eval_samples=16,
+        progress=False, threads=1, sections=("predictors", "savings"),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study_predictors")
+    ctx = StudyContext(_config(root))
+    return root, ctx, predictors.run(ctx), savings.run(ctx)
+
+
+def _numbers(obj, path="data"):
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+
+
+def _check_plots(root: Path, plots: list[str]) -> None:
+    assert plots
+    for p in plots:
+        f = root / "study" / p
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000, p
+
+
+def test_predictors_section(study):
+    root, ctx, sec, _ = study
+    assert sec.name == "predictors" and sec.title and "| predictor |" in sec.markdown
+    json.dumps(sec.data, allow_nan=False)
+    for path, value in _numbers(sec.data):
+        assert math.isfinite(value), path
+    rows = sec.data["rows"]
+    expected = {"final", "random", "early5", "early10", "early20", "lowmag", "combo_mean", "combo_prod", "alloc_sq"}
+    expected |= {f"g16_{s}" for s in ("abs", "sq", "adam_v", "net", "snr", "adam_update")}
+    assert expected <= set(rows) and {"g4_adam_update", "g4_sq"} <= set(rows)
+    for key, row in rows.items():
+        for a in row["agreement"]:
+            for k in ("precision", "recall", "iou", "random_expectation_precision", "random_expectation_iou"):
+                assert 0 <= a[k] <= 1, (key, k)
+        assert all(0 <= x <= 1 for x in row["acc"]) and all(s >= 0 for s in row["seconds"])
+    assert rows["final"]["agreement"][0]["iou"] == 1.0
+    for key in predictors.RETRAIN_ALL + predictors.RETRAIN_ONE:
+        assert len(rows[key]["acc"]) == 1, key
+    assert not rows["g16_abs"]["acc"]  # agreement-only row
+    assert set(sec.data["rows_hi"]) == set(rows) and len(sec.data["rows_hi"]["final"]["acc"]) == 1
+    assert sec.data["probe_snapshot_match_max_abs"] == [0.0]  # the probe replays the full run's first steps
+    verdicts = ("Recovers full-mask quality", "No predictor recovers", "does not separate the predictors")
+    assert any(v in sec.markdown for v in verdicts)
+    _check_plots(root, sec.plots)
+
+
+def test_savings_section(study):
+    root, ctx, _, sec = study
+    assert sec.name == "savings" and "| model | method |" in sec.markdown
+    json.dumps(sec.data, allow_nan=False)
+    for path, value in _numbers(sec.data):
+        assert math.isfinite(value), path
+    bench = sec.data["bench"]
+    for model in ("toy", "qwen"):
+        by = {r["method"]: r for r in bench[model]}
+        assert set(by) == {"full", "masked", "lora"}
+        for r in by.values():
+            assert r["step_s"] > 0 and r["optimizer_state_bytes"] > 0 and r["weights_bytes"] > 0, (model, r)
+        # AdamW keeps two float32 moments (plus a step counter) per trainable value
+        for r in by.values():
+            assert r["optimizer_state_bytes"] >= 8 * r["trainable"]
+        assert by["masked"]["optimizer_state_bytes"] < by["full"]["optimizer_state_bytes"]
+        assert by["masked"]["weights_bytes"] < by["full"]["weights_bytes"]
+        assert abs(by["lora"]["trainable"] - by["masked"]["trainable"]) <= 0.5 * by["masked"]["trainable"]
+    e2e = sec.data["end_to_end"]
+    routes = [r["route"] for r in e2e]
+    assert routes[:2] == ["full OPD", "full OPD + masked retrain"] and routes[2].startswith("early probe (")
+    assert all(len(r["acc"]) == 1 and r["full_step_units"] > 0 for r in e2e)
+    _check_plots(root, sec.plots)
+
+
+def test_second_run_is_served_from_the_cache(study, monkeypatch):
+    root, _, first, first_sav = study
+
+    def boom(*args, **kwargs):
+        raise AssertionError("a cached run was recomputed")
+
+    import sparse_opd_peft.mask_predictors as mp
+    import sparse_opd_peft.toy as toy
+    import sparse_opd_peft.toy.runs as runs
+
+    monkeypatch.setattr(toy, "opd_run", boom)
+    monkeypatch.setattr(runs, "opd_probe_run", boom)
+    monkeypatch.setattr(mp, "gradient_statistics", boom)
+    monkeypatch.setattr(savings, "_measure_all", boom)
+    ctx = StudyContext(_config(root))
+    again, sav = predictors.run(ctx), savings.run(ctx)
+    assert again.data["rows"]["final"]["acc"] == first.data["rows"]["final"]["acc"]
+    assert again.markdown == first.markdown and sav.data["bench"] == first_sav.data["bench"]
+
+
+def test_opd_config_matches_what_opd_run_builds(study, monkeypatch, tmp_path):
+    """``toy.runs.opd_config`` duplicates ``opd_run``'s mapping (runs.py is add-only): they must not drift."""
+    import sparse_opd_peft.opd as opd
+    from sparse_opd_peft.toy import runs
+
+    _, ctx, _, _ = study
+    seen = {}
+
+    class Capture:
+        def __init__(self, student, teacher, tokenizer, train, config, **kw):
+            seen["config"] = config
+            raise StopIteration
+
+    monkeypatch.setattr(opd, "OPDTrainer", Capture)
+    controls = dict(loss="mix", num_generations=2, token_keep="top_gap", token_keep_ratio=0.5, alpha=0.3, lr=3e-4,
+                    warmup_steps=3, optimizer="sgd", batch_size=8, steps=7, eval_samples=9)  # fmt: skip
+    cases = ((ctx.base.with_(seed=3, eval_every=2, **controls), None), (ctx.base.with_(save_every=2), tmp_path),
+             (ctx.base.with_(off_policy=True), None))  # fmt: skip
+    for cfg, ckpt in cases:
+        with pytest.raises(StopIteration):
+            runs.opd_run(ctx.world.load_student(), ctx.world, cfg, checkpoint_dir=ckpt)
+        assert runs.opd_config(ctx.world, cfg, ckpt) == seen["config"]
