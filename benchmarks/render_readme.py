@@ -29,7 +29,9 @@ def render(readme: Path = ROOT / "README.md", results: Path = ROOT / "benchmarks
             return match.group(0)
         filled.append(name)
         # A result file's own headings sit below the README's "## Results" section.
-        body = re.sub(r"^(#{1,3}) ", lambda h: "#" * (len(h.group(1)) + 3) + " ", source.read_text().strip(), flags=re.M)
+        body = re.sub(
+            r"^(#{1,3}) ", lambda h: "#" * (len(h.group(1)) + 3) + " ", source.read_text().strip(), flags=re.M
+        )
         return f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->"
 
     text = re.sub(r"<!-- results:([\w-]+) -->.*?<!-- /results:\1 -->", fill, text, flags=re.S)
