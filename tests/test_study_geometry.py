@@ -8,15 +8,13 @@ import math
 from pathlib import Path
 
 import pytest
+from _study_utils import numbers, tiny_config
 
 from sparse_opd_peft.study import StudyConfig, StudyContext, controls, geometry, run_study
 
 
 def _config(root: Path) -> StudyConfig:
-    return StudyConfig(
-        out=str(root / "study"), cache_dir=str(root / "toy"), tiny=True, steps=4, seeds=1, eval_samples=16,
-        progress=False, threads=1, sections=("geometry", "controls"),
-    )  # fmt: skip
+    return tiny_config(root, ("geometry", "controls"))
 
 
 @pytest.fixture(scope="module")
@@ -26,25 +24,11 @@ def study(tmp_path_factory):
     return root, ctx, geometry.run(ctx), controls.run(ctx)
 
 
-def _numbers(obj, path="data"):
-    """Every number in a JSON-like tree as ``(path, value)``."""
-    if isinstance(obj, bool):
-        return
-    if isinstance(obj, (int, float)):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _numbers(v, f"{path}.{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{path}[{i}]")
-
-
 def _check_data(data: dict) -> None:
     json.dumps(data, allow_nan=False)  # JSON-serialisable, no NaN / inf
     shares = ("acc", "bf16_sparsity", "ffn_energy_share", "ffn_param_share", "low_magnitude_overlap",
               "principal_overlap", "sim_k", "sim_early", "sim_random", "kept_share")  # fmt: skip
-    for path, value in _numbers(data):
+    for path, value in numbers(data):
         assert math.isfinite(value), path
         leaf = path.rsplit(".", 1)[-1].split("[")[0]
         if leaf in shares or path.split(".")[-2:-1] == ["kept_share"]:

@@ -8,15 +8,13 @@ import math
 from pathlib import Path
 
 import pytest
+from _study_utils import numbers, tiny_config
 
 from sparse_opd_peft.study import StudyConfig, StudyContext, predictors, savings
 
 
 def _config(root: Path) -> StudyConfig:
-    return StudyConfig(
-        out=str(root / "study"), cache_dir=str(root / "toy"), tiny=True, steps=4, seeds=1, eval_samples=16,
-        progress=False, threads=1, sections=("predictors", "savings"),
-    )  # fmt: skip
+    return tiny_config(root, ("predictors", "savings"))
 
 
 @pytest.fixture(scope="module")
@@ -24,19 +22,6 @@ def study(tmp_path_factory):
     root = tmp_path_factory.mktemp("study_predictors")
     ctx = StudyContext(_config(root))
     return root, ctx, predictors.run(ctx), savings.run(ctx)
-
-
-def _numbers(obj, path="data"):
-    if isinstance(obj, bool):
-        return
-    if isinstance(obj, (int, float)):
-        yield path, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _numbers(v, f"{path}.{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _numbers(v, f"{path}[{i}]")
 
 
 def _check_plots(root: Path, plots: list[str]) -> None:
@@ -50,7 +35,7 @@ def test_predictors_section(study):
     root, ctx, sec, _ = study
     assert sec.name == "predictors" and sec.title and "| predictor |" in sec.markdown
     json.dumps(sec.data, allow_nan=False)
-    for path, value in _numbers(sec.data):
+    for path, value in numbers(sec.data):
         assert math.isfinite(value), path
     rows = sec.data["rows"]
     expected = {"final", "random", "early5", "early10", "early20", "lowmag", "combo_mean", "combo_prod", "alloc_sq"}
@@ -76,7 +61,7 @@ def test_savings_section(study):
     root, ctx, _, sec = study
     assert sec.name == "savings" and "| model | method |" in sec.markdown
     json.dumps(sec.data, allow_nan=False)
-    for path, value in _numbers(sec.data):
+    for path, value in numbers(sec.data):
         assert math.isfinite(value), path
     bench = sec.data["bench"]
     for model in ("toy", "qwen"):

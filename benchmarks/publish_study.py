@@ -1,0 +1,42 @@
+"""Copy a finished study (``sparse-opd study --out DIR``) into ``benchmarks/results/`` for the README.
+
+``DIR/study.md`` becomes ``benchmarks/results/study.md`` with its image links pointing at the copied PNGs in
+``benchmarks/results/study_plots/``; ``DIR/study.json`` is copied as ``benchmarks/results/study.json``. Then run
+``python benchmarks/render_readme.py``.
+
+    python benchmarks/publish_study.py runs/study
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def publish(study_dir: Path, results: Path = ROOT / "benchmarks" / "results") -> list[str]:
+    """Copy ``study.md`` (links rewritten), ``study.json`` and every PNG of ``study_dir/plots``; returns the PNG names."""
+    md, js = study_dir / "study.md", study_dir / "study.json"
+    if not md.is_file() or not js.is_file():
+        raise SystemExit(f"error: {study_dir} has no study.md / study.json; run `sparse-opd study --out {study_dir}`")
+    plots = results / "study_plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    names = []
+    for png in sorted((study_dir / "plots").glob("*.png")):
+        shutil.copyfile(png, plots / png.name)
+        names.append(png.name)
+    text = re.sub(r"\]\((?:\./)?plots/", "](benchmarks/results/study_plots/", md.read_text())
+    tmp = results / "study.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(results / "study.md")
+    shutil.copyfile(js, results / "study.json")
+    return names
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("study_dir", type=Path)
+    print("copied plots:", ", ".join(publish(ap.parse_args().study_dir)))
