@@ -1,7 +1,8 @@
 """Copy a finished study (``sparse-opd study --out DIR``) into ``benchmarks/results/`` for the README.
 
 ``DIR/study.md`` becomes ``benchmarks/results/study.md`` with its image links pointing at the copied PNGs in
-``benchmarks/results/study_plots/``; ``DIR/study.json`` is copied as ``benchmarks/results/study.json``. Then run
+``benchmarks/results/study_plots/``; ``DIR/study.json`` is copied as ``benchmarks/results/study.json`` without the per-step histories of the runs
+(configs, final metrics and wall-clock stay; the full file stays in DIR). Then run
 ``python benchmarks/render_readme.py``.
 
     python benchmarks/publish_study.py runs/study
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 from pathlib import Path
@@ -32,7 +34,13 @@ def publish(study_dir: Path, results: Path = ROOT / "benchmarks" / "results") ->
     tmp = results / "study.md.tmp"
     tmp.write_text(text)
     tmp.replace(results / "study.md")
-    shutil.copyfile(js, results / "study.json")
+    data = json.loads(js.read_text())
+    for run in data.get("runs", {}).values():
+        if isinstance(run, dict):
+            run.pop("history", None)
+    tmp = results / "study.json.tmp"
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(results / "study.json")
     return names
 
 
