@@ -263,7 +263,15 @@ def run(ctx: StudyContext) -> Section:
               "| | | |")  # fmt: skip
     rk = f"rank{RANKS[0]}"
     (vo, do), (vs, ds) = verdict(res["opd"]["rows"], rk), verdict(res["sft"]["rows"], rk)
-    keeps = "keeps" if vo in ("≈", ">") else "does not keep"
+    keeps = (
+        "does not keep"
+        if vo == "<"
+        else (
+            "keeps"
+            if vo == ">" or abs(do) <= 2.0
+            else "is not distinguishable (seed spread too large) from unconstrained for"
+        )
+    )
     hurts = "hurts" if vs == "<" else "does not hurt"
     md += [
         "",
