@@ -286,6 +286,7 @@ def study(
     steps: int = typer.Option(250, "--steps", help="OPD steps of every matched-budget run."),
     eval_samples: int = typer.Option(2000, "--eval-samples", help="Held-out prompts per accuracy."),
     threads: int = typer.Option(1, "--threads", help="torch threads (1 is fastest for the tiny toy models)."),
+    workers: int = typer.Option(2, "--workers", help="Processes training the sections' runs in parallel."),
     tiny: bool = typer.Option(False, "--tiny", help="Tiny world and budget (smoke test; numbers mean nothing)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
@@ -295,7 +296,7 @@ def study(
     with cli_errors():
         cfg = StudyConfig(
             out=str(out), cache_dir=str(cache_dir) if cache_dir else None, seeds=seeds, steps=steps,
-            eval_samples=eval_samples, threads=threads, sections=tuple(sections) if sections else SECTIONS,
+            eval_samples=eval_samples, threads=threads, workers=workers, sections=tuple(sections) if sections else SECTIONS,
             tiny=tiny, progress=not quiet,
         )  # fmt: skip
         run_study(cfg)

@@ -12,7 +12,7 @@ def tiny_config(root: Path, sections: tuple[str, ...]) -> StudyConfig:
     """A study on the tiny toy world under ``root`` (4 steps, 1 seed, 16 held-out prompts): seconds, not results."""
     return StudyConfig(
         out=str(root / "study"), cache_dir=str(root / "toy"), tiny=True, steps=4, seeds=1, eval_samples=16,
-        progress=False, threads=1, sections=sections,
+        progress=False, threads=1, workers=1, sections=sections,
     )  # fmt: skip
 
 

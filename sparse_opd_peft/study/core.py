@@ -38,6 +38,7 @@ class StudyConfig:
         threads: torch intra-op threads (1: fastest for the tiny toy models, steady on shared cores).
         sections: which sections to run, in order (names from :data:`SECTIONS`).
         tiny: the tiny toy world and a few steps (smoke tests; numbers mean nothing).
+        workers: processes that train the sections' runs in parallel (one core each; 1 = all in this process).
         progress: progress bars.
     """
 
@@ -52,12 +53,15 @@ class StudyConfig:
     threads: int = 1
     sections: tuple[str, ...] = SECTIONS
     tiny: bool = False
+    workers: int = 2
     progress: bool = True
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.sections if s not in SECTIONS]
         if unknown:
             raise ValueError(f"unknown study section(s) {unknown}; choose from {list(SECTIONS)}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.seeds < 1 or self.steps < 1 or self.batch_size < 1 or self.eval_samples < 1:
             raise ValueError("seeds, steps, batch_size and eval_samples must all be >= 1")
 
@@ -228,6 +232,10 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
     ctx = StudyContext(config)
+    if config.workers > 1 and len(config.sections) > 1:
+        for seed in ctx.seeds:  # the runs every section shares, before the sections split
+            ctx.full_opd(seed)
+        _train_in_workers(config)
     sections: list[Section] = []
     for name in config.sections:
         module = importlib.import_module(f"{__package__}.{name}")
@@ -253,3 +261,36 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     }
     write_atomic(ctx.out / "study.json", json.dumps(summary, indent=1, default=float))
     return summary
+
+
+# Rough relative cost of each section's own runs (measured on the toy world), to balance the worker groups.
+_SECTION_COST = {"recovery": 47, "subspace": 6, "geometry": 14, "controls": 12, "predictors": 15, "savings": 4}
+
+
+def _sections_in_worker(config_dict: dict[str, Any], names: list[str]) -> None:
+    """Worker process: run ``names`` so that their runs land in the shared run store (results are re-read later)."""
+    import importlib
+
+    config = StudyConfig(**{**config_dict, "sections": tuple(names), "workers": 1})
+    torch.set_num_threads(config.threads)
+    ctx = StudyContext(config)
+    for name in names:
+        importlib.import_module(f"{__package__}.{name}").run(ctx)
+
+
+def _train_in_workers(config: StudyConfig) -> None:
+    """Split the sections into ``config.workers`` groups of similar cost and train each group in its own process
+    (spawned, so no torch / OpenMP state is shared). Finished runs are cached, so the caller's pass that follows
+    only reads them."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    groups: list[list[str]] = [[] for _ in range(min(config.workers, len(config.sections)))]
+    load = [0] * len(groups)
+    for name in sorted(config.sections, key=lambda n: -_SECTION_COST.get(n, 10)):
+        i = load.index(min(load))
+        groups[i].append(name)
+        load[i] += _SECTION_COST.get(name, 10)
+    with ProcessPoolExecutor(len(groups), mp_context=get_context("spawn")) as pool:
+        for future in [pool.submit(_sections_in_worker, asdict(config), g) for g in groups if g]:
+            future.result()
