@@ -250,6 +250,15 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         f"teacher {100 * world.accuracies['teacher'][config.task]:.1f} % at build). Mean ± std over seeds.",
         "",
     ]
+    runs = [json.loads(p.read_text()) for p in sorted(ctx.runs_dir.glob("*.json"))]
+    trained = [r for r in runs if isinstance(r, dict) and "train_seconds" in r]
+    steps = sum(int((r.get("config") or {}).get("steps", config.steps)) for r in trained)
+    recorded = sum(float(r.get("wall_seconds", 0.0)) for r in runs if isinstance(r, dict))
+    header += [
+        f"Cost: {len(trained)} training runs, {steps:,} optimizer steps; recorded wall-clock of all cached entries "
+        f"{recorded / 60:.0f} min (as first measured, whatever else ran on the machine then).",
+        "",
+    ]
     body = [f"## {s.title}\n\n{s.markdown.strip()}\n" for s in sections]
     write_atomic(ctx.out / "study.md", "\n".join(header + body))
     summary = {
