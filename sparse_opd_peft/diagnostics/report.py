@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..atomic import write_bytes_atomic
 from ..module_types import MODULE_TYPES
 
 PAIR_FILES = ("report.json", "report.md", "sparsity_by_layer.png", "principal_angles.png", "mask_overlap.png",
@@ -47,18 +47,6 @@ def check_outputs(out_dir: str | os.PathLike, files: Sequence[str], overwrite: b
                     f"{out / f} already exists; pass --overwrite to replace it or choose another --out"
                 )
     return out
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _fmt(x, pct: bool = False, digits: int = 3) -> str:
@@ -222,8 +210,8 @@ def write_report(result, out_dir: str | os.PathLike, *, overwrite: bool = False,
     out = check_outputs(out_dir, PAIR_FILES if plots else PAIR_FILES[:2], overwrite)
     out.mkdir(parents=True, exist_ok=True)
     written = {}
-    _atomic_write(out / "report.json", json.dumps(data, indent=1, allow_nan=False).encode())
-    _atomic_write(out / "report.md", markdown_summary(data).encode())
+    write_bytes_atomic(out / "report.json", json.dumps(data, indent=1, allow_nan=False).encode())
+    write_bytes_atomic(out / "report.md", markdown_summary(data).encode())
     written.update({"report.json": out / "report.json", "report.md": out / "report.md"})
     if plots:
         for name, fn in (("sparsity_by_layer.png", _plot_sparsity), ("principal_angles.png", _plot_angles),
@@ -271,7 +259,7 @@ def write_trajectory_report(result, out_dir: str | os.PathLike, *, overwrite: bo
     data = sanitize(result.to_dict() if hasattr(result, "to_dict") else result)
     out = check_outputs(out_dir, TRAJECTORY_FILES, overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "trajectory.json", json.dumps(data, indent=1, allow_nan=False).encode())
-    _atomic_write(out / "trajectory.md", trajectory_markdown(data).encode())
+    write_bytes_atomic(out / "trajectory.json", json.dumps(data, indent=1, allow_nan=False).encode())
+    write_bytes_atomic(out / "trajectory.md", trajectory_markdown(data).encode())
     _plot_trajectory(data, out / "trajectory.png")
     return {f: out / f for f in TRAJECTORY_FILES}

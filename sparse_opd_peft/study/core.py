@@ -10,9 +10,7 @@ again with the same ``--out``, and only unfinished runs execute.
 from __future__ import annotations
 
 import json
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,6 +18,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from ..atomic import write_text_atomic
 
 SECTIONS = ("geometry", "recovery", "subspace", "controls", "predictors", "savings")
 
@@ -96,16 +96,9 @@ def mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> st
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace``."""
+    """Write ``text`` to ``path`` atomically, creating the parent folder first."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 class StudyContext:

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from ..atomic import write_text_atomic  # noqa: F401  (re-exported: the Hub / card code imports it here)
 from .storage import load_safetensors_checked
 
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -197,17 +198,3 @@ def adapter_file_bytes(model, adapter_name: str = "default") -> int:
     from peft.utils import get_peft_model_state_dict
 
     return safetensors_nbytes(get_peft_model_state_dict(model, adapter_name=adapter_name), {"format": "pt"})
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
