@@ -269,6 +269,19 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
 _SECTION_COST = {"recovery": 47, "subspace": 6, "geometry": 14, "controls": 12, "predictors": 15, "savings": 4}
 
 
+def worker_groups(sections: Sequence[str], workers: int) -> list[list[str]]:
+    """Split ``sections`` into at most ``workers`` non-empty groups of similar measured cost (greedy, costliest
+    first), e.g. ``(recovery, subspace, geometry, controls, predictors, savings)`` over 2 workers gives
+    ``[[recovery, savings], [predictors, geometry, controls, subspace]]``."""
+    groups: list[list[str]] = [[] for _ in range(max(1, min(workers, len(sections))))]
+    load = [0] * len(groups)
+    for name in sorted(sections, key=lambda n: -_SECTION_COST.get(n, 10)):
+        i = load.index(min(load))
+        groups[i].append(name)
+        load[i] += _SECTION_COST.get(name, 10)
+    return [g for g in groups if g]
+
+
 def _sections_in_worker(config_dict: dict[str, Any], names: list[str]) -> None:
     """Worker process: run ``names`` so that their runs land in the shared run store (results are re-read later)."""
     import importlib
@@ -287,12 +300,7 @@ def _train_in_workers(config: StudyConfig) -> None:
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
-    groups: list[list[str]] = [[] for _ in range(min(config.workers, len(config.sections)))]
-    load = [0] * len(groups)
-    for name in sorted(config.sections, key=lambda n: -_SECTION_COST.get(n, 10)):
-        i = load.index(min(load))
-        groups[i].append(name)
-        load[i] += _SECTION_COST.get(name, 10)
+    groups = worker_groups(config.sections, config.workers)
     with ProcessPoolExecutor(len(groups), mp_context=get_context("spawn")) as pool:
         for future in [pool.submit(_sections_in_worker, asdict(config), g) for g in groups if g]:
             future.result()
