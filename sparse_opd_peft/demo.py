@@ -43,7 +43,7 @@ class DemoConfig:
     progress: bool = True
 
 
-def _run_config(cfg: DemoConfig, lr: float, out: Path):
+def _run_config(cfg: DemoConfig, lr: float):
     from .toy import ToyRunConfig
 
     return ToyRunConfig(
@@ -55,7 +55,7 @@ def _run_config(cfg: DemoConfig, lr: float, out: Path):
 def _opd(student, world, cfg: DemoConfig, lr: float, tag: str, out: Path):
     from .toy import opd_run
 
-    return opd_run(student, world, _run_config(cfg, lr, out), checkpoint_dir=out / "checkpoints" / tag)
+    return opd_run(student, world, _run_config(cfg, lr), checkpoint_dir=out / "checkpoints" / tag)
 
 
 def _accuracy(model, world, cfg: DemoConfig) -> float:
@@ -136,7 +136,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             adapter_model = trained
     from .model_card import record_training
 
-    recipe = asdict(_run_config(cfg, cfg.adapter_lr, out))
+    recipe = asdict(_run_config(cfg, cfg.adapter_lr))
     recipe.update(
         teacher=str(world.path / "teacher"), optimizer="adamw", mask=f"top-{cfg.density:.0%} |dW| of full OPD"
     )
