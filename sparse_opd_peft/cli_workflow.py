@@ -7,11 +7,8 @@ half-written. Heavy libraries (torch, transformers, peft, datasets) are imported
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -155,14 +152,26 @@ def adapter_dir(adapter: str) -> Path:
 
 
 def read_adapter_config(directory: Path) -> dict:
-    """The JSON of ``directory/adapter_config.json`` (``ValueError`` when unreadable or not a peft config)."""
+    """The JSON of ``directory/adapter_config.json``, checked: readable JSON object with a ``peft_type`` this peft
+    knows, and for a SPARSE_OPD adapter well-formed fields (``format_version``, ``save_dtype``, module metadata).
+
+    Raises:
+        ValueError / FileNotFoundError: naming the file, the field and the fix.
+    """
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    from .tuner.files import check_adapter_config_fields, read_adapter_config_json
+
     path = directory / "adapter_config.json"
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); re-save the adapter") from None
-    if not isinstance(data, dict) or not data.get("peft_type"):
-        raise ValueError(f"{path}: no peft_type; not a peft adapter config")
+    data = read_adapter_config_json(path)
+    kind = data["peft_type"]
+    if not isinstance(kind, str) or kind not in {str(getattr(k, "value", k)) for k in PEFT_TYPE_TO_CONFIG_MAPPING}:
+        raise ValueError(
+            f"{path}: unknown peft_type {kind!r}; this peft knows {', '.join(sorted(map(str, PEFT_TYPE_TO_CONFIG_MAPPING)))}"
+            " (upgrade peft for a newer method, or re-save the adapter)"
+        )
+    if kind == "SPARSE_OPD":
+        check_adapter_config_fields(data, str(path))
     return data
 
 
@@ -193,31 +202,19 @@ def remove_created(created: list[Path]) -> None:
 
 @contextmanager
 def staged_dir(out: Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling of ``out``; on success it replaces ``out`` (rename), on failure it is removed
-    together with any parent directory created for it."""
-    created = missing_ancestors(out.parent)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    """Yield an empty temporary sibling of ``out``; on success it replaces ``out`` as a whole, on failure it is
+    removed together with any parent directory created for it (:func:`sparse_opd_peft.atomic.staged_directory`)."""
+    from .atomic import staged_directory
+
+    with staged_directory(out) as tmp:
         yield tmp
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_created(created)
-        raise
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file and an atomic rename."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
+    """Write JSON (indent 1, ``str`` for other objects) through a temporary file and an atomic rename."""
+    from .atomic import write_json_atomic
+
+    write_json_atomic(path, data, indent=1, default=str)
 
 
 # The commands live in two sibling modules (one file each stays short); importing them registers them on `app`.

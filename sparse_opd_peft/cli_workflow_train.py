@@ -86,12 +86,14 @@ def _opd_config(**kwargs: Any):
 
 def _resolve_resume(path: Path) -> Path:
     """The trainer state directory of ``--resume``: the directory itself, or the newer of DIR/state and
-    DIR/checkpoints/state of an earlier ``sparse-opd train --out DIR``."""
-    from .opd.checkpoint import STATE_FILE, read_training_state
+    DIR/checkpoints/state of an earlier ``sparse-opd train --out DIR`` (each the newest complete one of
+    ``resolve_state_dir``: a save killed mid-swap leaves its state in ``state.tmp``)."""
+    from .opd.checkpoint import STATE_FILE, read_training_state, resolve_state_dir
 
     if not path.is_dir():
         raise FileNotFoundError(f"--resume {path}: no such directory")
-    found = [c for c in (path, path / "state", path / "checkpoints" / "state") if (c / STATE_FILE).is_file()]
+    candidates = (resolve_state_dir(c) for c in (path, path / "state", path / "checkpoints" / "state"))
+    found = [c for c in candidates if (c / STATE_FILE).is_file()]
     if not found:
         raise ValueError(
             f"--resume {path}: not a trainer state (no {STATE_FILE} in it, in state/ or in checkpoints/state/); pass "

@@ -55,6 +55,12 @@ def _load_raw(source: str, split: Optional[str], config_name: Optional[str]):
                 f"prompts {source}: unsupported file type {path.suffix or '(no suffix)'!r}; use a .json / .jsonl "
                 "(one object per line) or .parquet file with a prompt column, or a datasets Hub id"
             )
+        size = path.stat().st_size
+        if size == 0 or (builder == "json" and size < 2**16 and not path.read_bytes().strip()):
+            raise ValueError(
+                f"prompts {source}: the file is empty; a .jsonl file needs one JSON object per line with a prompt "
+                'column, e.g. {"prompt": "1+2=", "answer": "3"}'
+            )
         try:
             return load_dataset(builder, data_files=str(path), split=split or "train")
         except Exception as err:  # noqa: BLE001 - datasets wraps parse errors in many types

@@ -189,6 +189,13 @@ def mask_from_checkpoints(
             if idx.numel():
                 entries[module_name(n)] = (shapes[n], idx)
         label_src, label_tun = src.label, tun.label
+    if not entries and rule == "topk":
+        total = sum(shapes[n][0] * shapes[n][1] for n in names)
+        raise ValueError(
+            f"density {density} keeps no coordinate: round(density x weight entries) is 0 for the {total:,} entries of "
+            f"the {len(names)} selected modules{' (per module)' if per_module else ''}; use a density of at least "
+            f"{1 / (min(shapes[n][0] * shapes[n][1] for n in names) if per_module else total):.3g} (e.g. --density 0.05)"
+        )
     if not entries:
         raise ValueError(
             f"no coordinate differs between {label_src} and {label_tun} under rule={rule!r}; check that you passed "

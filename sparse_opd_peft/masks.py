@@ -30,8 +30,19 @@ MASK_FORMAT_VERSION = 1
 
 
 def _check_bool_mask(name: str, value) -> torch.Tensor:
+    """``value`` if it is a dense 2-D bool tensor with data, else ``TypeError`` / ``ValueError`` naming the module."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"mask for module '{name}': expected a bool torch.Tensor, got {type(value).__name__}")
+    if value.layout != torch.strided:
+        raise TypeError(
+            f"mask for module '{name}' is a {str(value.layout).removeprefix('torch.')} tensor; masks must be dense "
+            "bool tensors: pass `mask.to_dense()`"
+        )
+    if value.device.type == "meta":
+        raise ValueError(
+            f"mask for module '{name}' is on the meta device (it holds no values); build it from materialised "
+            "weights (load the model without device_map='meta' / init_empty_weights)"
+        )
     if value.dtype != torch.bool:
         if value.dtype.is_floating_point and torch.isnan(value).any():
             raise ValueError(
@@ -82,6 +93,12 @@ class SparseMask(Mapping):
 
         mask = cls(None, metadata)
         for name, (shape, idx) in entries.items():
+            if not isinstance(idx, torch.Tensor) or idx.layout != torch.strided or idx.device.type == "meta":
+                what = type(idx).__name__ if not isinstance(idx, torch.Tensor) else f"{idx.layout} / {idx.device}"
+                raise TypeError(
+                    f"mask module '{name}': indices must be a dense 1-D integer tensor with data, got {what}; pass "
+                    "sorted flat indices (row * in_features + col) as a torch.Tensor"
+                )
             out_f, in_f = int(shape[0]), int(shape[1])
             mask._shapes[name] = (out_f, in_f)
             mask._indices[name] = validate_flat_indices(idx.detach().cpu(), out_f * in_f, f"mask module '{name}'")

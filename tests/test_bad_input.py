@@ -111,7 +111,7 @@ def test_values_length_differs_from_mask_nnz(tmp_path):
     key = next(k for k in tensors if k.endswith("sparse_opd_values"))
     tensors[key] = tensors[key][:-1]
     save_file(tensors, path)
-    _load_fails(tmp_path, "values has length")
+    _load_fails(tmp_path, r"sparse_opd_values must be float32 of shape \[\d+\], got float32")
 
 
 def test_truncated_and_corrupt_safetensors(tmp_path):

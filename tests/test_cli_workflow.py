@@ -242,6 +242,23 @@ def test_merge_equals_in_process_merge(w, mask_run, tmp_path, dtype):
 def test_merge_lora_adapter(w, lora_run, tmp_path):
     res = ok(run("merge", w / "student", lora_run / "adapter", "--out", tmp_path / "m"))
     assert "LORA" in res.stdout and (tmp_path / "m" / "model.safetensors").is_file()
+    # LoRA's merge is W <- W + (alpha / r) * B @ A for every targeted Linear (peft's get_delta_weight, no fan-in /
+    # fan-out transpose here), and every other weight is copied: computed with the same float32 ops from the saved
+    # A and B, it must equal the merged file bit for bit.
+    cfg = json.loads((lora_run / "adapter" / "adapter_config.json").read_text())
+    scaling = cfg["lora_alpha"] / cfg["r"]
+    lora = load_file(lora_run / "adapter" / "adapter_model.safetensors")
+    base = load_file(w / "student" / "model.safetensors")
+    got = load_file(tmp_path / "m" / "model.safetensors")
+    assert got.keys() == base.keys()
+    merged = 0
+    for key, weight in base.items():
+        a = lora.get(f"base_model.model.{key.removesuffix('.weight')}.lora_A.weight")
+        b = lora.get(f"base_model.model.{key.removesuffix('.weight')}.lora_B.weight")
+        want = weight if a is None else weight + (b @ a) * scaling
+        assert got[key].dtype == weight.dtype and torch.equal(got[key], want), key
+        merged += a is not None and not torch.equal(want, weight)
+    assert merged == len(block_linears(tiny(build_tokenizer(), 0)))  # all-linear: every block Linear moved
 
 
 # ------------------------------------------------------------------------------------------------ inspect

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 from itertools import chain
@@ -14,6 +13,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from safetensors import safe_open
+
+from ..atomic import write_json_atomic
 
 _TAG = "__t__"
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
@@ -143,7 +144,8 @@ def safetensors_header(path: Path) -> dict[str, tuple[list[int], str]]:
 
 
 def write_json(path: Path, obj: Any, indent: Optional[int] = 1) -> None:
-    path.write_text(json.dumps(obj, indent=indent, default=float))
+    """Write ``obj`` as JSON (other objects through ``float``, e.g. numpy scalars) to ``path`` atomically."""
+    write_json_atomic(path, obj, indent=indent, default=float)
 
 
 def fsync_tree(directory: Path) -> None:

@@ -17,9 +17,13 @@ The trainer itself draws every random number from per-sample seeded generators (
 only feed dropout (attention dropout, ``lora_dropout``), and are saved per process as ``accelerate.save_state`` did.
 The codec and RNG helpers live in :mod:`._state_io`.
 
-Writes go to ``<dir>.tmp`` (flushed to disk), which then replaces ``<dir>``; the main process writes everything but
-each process's ``rng_<rank>`` files, so the directory must be on a filesystem every process sees. Every process
-loads; everything is read and checked before the model, optimizer or RNGs change.
+Writes go to ``<dir>.tmp``, every file atomically, ``manifest.json`` last (so a directory with a manifest whose files
+are all there is complete); it is flushed to disk, then swapped in: ``<dir>`` -> ``<dir>.old``, ``<dir>.tmp`` ->
+``<dir>``, ``<dir>.old`` removed. A save can be killed at any point: :func:`resolve_state_dir` (used by every reader)
+picks the newest complete state among ``<dir>``, ``<dir>.tmp`` and ``<dir>.old``, and the next save first finishes
+an interrupted swap. The main process writes everything but each process's ``rng_<rank>`` files, so the directory
+must be on a filesystem every process sees. Every process loads; everything is read and checked before the model,
+optimizer or RNGs change.
 
 FSDP / DeepSpeed / Megatron-LM: their parameters and optimizer state are sharded or flattened by the engine, so there
 the state falls back to ``accelerator.save_state`` / ``load_state`` (which pickles the optimizer and RNG states);
@@ -29,20 +33,24 @@ the manifest records ``backend: "accelerate"``, and a state written one way cann
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from ..atomic import normalize_modes
+from ..tuner.storage import atomic_save_safetensors
 from . import _state_io as sio
 
 __all__ = [
     "STATE_FILE",
     "load_training_state",
     "read_training_state",
+    "resolve_state_dir",
     "save_trainable_state",
     "save_training_state",
     "trainable_state_dict",
@@ -98,8 +106,7 @@ def save_trainable_state(accelerator: Any, model: torch.nn.Module, path: str | P
     full = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
         state = trainable_state_dict(accelerator.unwrap_model(model), full)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(state, str(path), metadata={"step": str(step)})
+        atomic_save_safetensors(state, path, metadata={"step": str(step)})
     accelerator.wait_for_everyone()
 
 
@@ -121,12 +128,70 @@ def _optimizer_params(optimizer: Any, model: torch.nn.Module) -> list[list[Any]]
     return [[names.get(id(p), f"<unnamed parameter {i}>"), list(p.shape)] for i, p in enumerate(params)]
 
 
+# ---------------------------------------------------------------------------------------------- crash safety
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def complete_step(path: str | Path) -> Optional[int]:
+    """The step of ``path`` when it is a complete state directory (a manifest of this format whose files are all
+    there, and a payload with an integer ``step``), else None. Reads only the two JSON files."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        payload = json.loads((path / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or (manifest.get("format"), manifest.get("version")) != (FORMAT, VERSION):
+        return None
+    if not isinstance(manifest.get("files"), list) or not all((path / f).is_file() for f in manifest["files"]):
+        return None
+    step = payload.get("step") if isinstance(payload, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def resolve_state_dir(path: str | Path) -> Path:
+    """The newest complete state among ``path``, ``path.tmp`` (a save killed before its swap) and ``path.old`` (killed
+    between the swap's two renames); ``path`` on a tie, and ``path`` itself when none is complete (its own errors then
+    say what is wrong). Warns when it is not ``path``."""
+    path = Path(path)
+    found = [(step, -i, c) for i, c in enumerate((path, _sibling(path, ".tmp"), _sibling(path, ".old")))
+             if (step := complete_step(c)) is not None]  # fmt: skip
+    if not found:
+        return path
+    step, _, best = max(found)
+    if best != path:
+        warnings.warn(
+            f"{path}: a save was interrupted; using {best} (step {step}), the newest complete state", stacklevel=1
+        )
+    return best
+
+
+def _settle(out: Path) -> None:
+    """Main process, before a save: finish an interrupted save of ``out`` (the newest complete state becomes
+    ``out``) and remove the leftovers. Each step leaves a complete state in place, so it may be killed too."""
+    tmp, old, trash = _sibling(out, ".tmp"), _sibling(out, ".old"), _sibling(out, ".trash")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        best = resolve_state_dir(out)
+    if best != out:
+        if trash.exists():
+            shutil.rmtree(trash)
+        if out.exists():
+            os.replace(out, trash)
+        os.replace(best, out)
+    for leftover in (tmp, old, trash):
+        if leftover.exists():
+            shutil.rmtree(leftover)
+
+
 # ---------------------------------------------------------------------------------------------- writing
 def save_training_state(
     accelerator: Any, model: torch.nn.Module, optimizer: Any, output_dir: str | Path, payload: dict[str, Any]
 ) -> None:
     """Write a resumable state (module docstring layout) to ``output_dir.tmp``, then swap it in, so an interrupted
-    save never replaces a good state. Call on every process: the main process writes the parameters, optimizer and
+    save never replaces a good state (see the module docstring: a kill at any point leaves the newest complete state
+    for :func:`resolve_state_dir`). Call on every process: the main process writes the parameters, optimizer and
     JSON files, every process its own ``rng_<rank>`` files (the directory must be on a filesystem all see).
 
     Args:
@@ -137,49 +202,52 @@ def save_training_state(
         payload: JSON-able trainer bookkeeping, written as ``opd_trainer_state.json``.
     """
     out = Path(output_dir)
-    tmp, old = out.with_name(out.name + ".tmp"), out.with_name(out.name + ".old")
+    tmp, old = _sibling(out, ".tmp"), _sibling(out, ".old")
     engine = _engine(accelerator)
     if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _settle(out)
+        tmp.mkdir()
     accelerator.wait_for_everyone()
     n = accelerator.num_processes
     if engine:
         accelerator.save_state(str(tmp))
-        files: list[str] = []
     else:
         rank = accelerator.process_index
         rng_tensors, rng = sio.rng_state()
-        save_file(rng_tensors, str(tmp / f"rng_{rank}.safetensors"))
+        atomic_save_safetensors(rng_tensors, tmp / f"rng_{rank}.safetensors")
         sio.write_json(tmp / f"rng_{rank}.json", rng, indent=None)
-        files = [PARAMS, OPT_TENSORS, OPT_JSON] + [f"rng_{r}.{e}" for r in range(n) for e in ("safetensors", "json")]
     if accelerator.is_main_process:
         manifest = {"format": FORMAT, "version": VERSION, "backend": "accelerate" if engine else "native",
-                    "engine": engine, "num_processes": n, "files": files}  # fmt: skip
+                    "engine": engine, "num_processes": n, "files": []}  # fmt: skip
         if not engine:
             bare = accelerator.unwrap_model(model)
             params = {k: p.detach().cpu().contiguous() for k, p in _trainable(bare).items()}
-            save_file(sio.unshared(params), str(tmp / PARAMS))
+            atomic_save_safetensors(sio.unshared(params), tmp / PARAMS)
             tensors: dict[str, torch.Tensor] = {}
             state = sio.encode(optimizer.state_dict(), (), tensors)
             scaler = getattr(accelerator, "scaler", None)
             opt = {"optimizer": type(getattr(optimizer, "optimizer", optimizer)).__name__,
                    "params": _optimizer_params(optimizer, bare), "state_dict": state,
                    "grad_scaler": scaler.state_dict() if scaler is not None else None}  # fmt: skip
-            save_file(sio.unshared(tensors), str(tmp / OPT_TENSORS))
+            atomic_save_safetensors(sio.unshared(tensors), tmp / OPT_TENSORS)
             sio.write_json(tmp / OPT_JSON, opt)
             manifest["frozen_adapter_sha256"] = sio.frozen_adapter_digests(bare)
-        sio.write_json(tmp / MANIFEST, manifest)
         sio.write_json(tmp / STATE_FILE, payload)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if engine:  # every file accelerate wrote (a partly removed directory is then seen as incomplete)
+            manifest["files"] = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        else:
+            manifest["files"] = [PARAMS, OPT_TENSORS, OPT_JSON] + [
+                f"rng_{r}.{e}" for r in range(n) for e in ("safetensors", "json")
+            ]
+        normalize_modes(tmp)  # accelerate's / safetensors' files are private (0600) otherwise
+        sio.write_json(tmp / MANIFEST, manifest)  # last: its presence marks the directory complete
         sio.fsync_tree(tmp)
-        if old.exists():
-            shutil.rmtree(old)
         if out.exists():
-            out.rename(old)
-        tmp.rename(out)
+            os.replace(out, old)
+        os.replace(tmp, out)
         if old.exists():
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
@@ -187,12 +255,13 @@ def save_training_state(
 
 # ---------------------------------------------------------------------------------------------- reading
 def read_training_state(input_dir: str | Path) -> dict[str, Any]:
-    """The JSON payload of a :func:`save_training_state` directory.
+    """The JSON payload of a :func:`save_training_state` directory (the newest complete one of
+    :func:`resolve_state_dir`).
 
     Raises:
         ValueError: when ``input_dir`` is not such a directory, or its payload is not readable JSON.
     """
-    path = Path(input_dir)
+    path = resolve_state_dir(input_dir)
     if not (path / STATE_FILE).is_file():
         raise ValueError(f"{path} is not an OPDTrainer state directory (no {STATE_FILE}); pass a checkpoint_dir/state")
     return _read(path, STATE_FILE)
@@ -284,7 +353,7 @@ def load_training_state(accelerator: Any, model: torch.nn.Module, optimizer: Any
             backend (FSDP / DeepSpeed vs neither), or does not fit the student (trainable names, shapes, dtypes,
             adapter mask) or the optimizer (class, parameter per index, param groups).
     """
-    path = Path(input_dir)
+    path = resolve_state_dir(input_dir)
     manifest = _check_manifest(path, accelerator)
     if manifest.get("engine"):
         accelerator.load_state(str(path))

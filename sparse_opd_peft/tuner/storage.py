@@ -15,13 +15,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..atomic import atomic_file
 
 BITMASK_MIN_DENSITY = 1.0 / 32.0
 FINGERPRINT_SAMPLES = 4096
@@ -143,18 +145,12 @@ def fingerprint_mismatch(expected: Mapping, actual: Mapping) -> str | None:
 
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
-    """Write ``tensors`` to ``path`` as safetensors through a temp file in the same folder and an atomic rename."""
+    """Write ``tensors`` (any shapes / dtypes) to ``path`` as safetensors through a temp file in the same folder and
+    an atomic rename (:func:`sparse_opd_peft.atomic.atomic_file`: mode per the umask, nothing left on failure)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def load_safetensors_checked(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -173,3 +169,132 @@ def load_safetensors_checked(path: str | os.PathLike) -> tuple[dict[str, torch.T
             f"{path}: not a readable safetensors file ({err}); the file is truncated or corrupt, re-save or re-download it"
         ) from None
     return tensors, metadata
+
+
+# ---------------------------------------------------------------------------------------------- adapter files
+ADAPTER_PARAMS = (
+    "sparse_opd_values",
+    "sparse_opd_indices",
+    "sparse_opd_bitmask",
+    "sparse_opd_coeff",
+    "sparse_opd_basis",
+)
+VALUE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_PEFT_PREFIX = "base_model.model."
+_REFUSE = (
+    "a SparseOPD adapter file holds only sparse_opd_values / _indices / _bitmask / _coeff / _basis tensors of the "
+    "modules its adapter_config.json lists (never base-model weights): the file was altered or belongs to another "
+    "adapter; re-save it with save_adapter / model.save_pretrained"
+)
+
+
+def parse_adapter_key(key: str) -> tuple[str, str]:
+    """``"base_model.model.<module>.<param>"`` -> ``(module, param)`` for our tensors; ``("", "")`` for any other key
+    (an adapter name or anything else after the parameter name counts as another key)."""
+    for param in ADAPTER_PARAMS:
+        if key.endswith("." + param):
+            return key[: -len(param) - 1].removeprefix(_PEFT_PREFIX), param
+    return "", ""
+
+
+def _check_float(t: torch.Tensor, shape: tuple[int, ...], dtypes: tuple[torch.dtype, ...], where: str) -> None:
+    """Shape, dtype and finiteness of one stored float tensor (``ValueError`` naming ``where`` otherwise)."""
+    if tuple(t.shape) != shape or t.dtype not in dtypes:
+        want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(
+            f"{where} must be {want} of shape {list(shape)}, got {str(t.dtype).removeprefix('torch.')} "
+            f"{list(t.shape)}; {_REFUSE}"
+        )
+    if t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"{where} holds {bad} NaN / inf value(s); the adapter is broken (diverged training or a damaged file): "
+            "retrain it or load an earlier checkpoint"
+        )
+
+
+def decode_adapter_state(
+    config, state_dict: Mapping[str, torch.Tensor], source: str, allowed: Collection[str] = ()
+) -> dict[str, torch.Tensor]:
+    """Check a saved adapter's tensors against its config and decode the packed coordinates.
+
+    Every key must be ``base_model.model.<module>.<param>`` of a module in ``config.module_shapes``: per module with
+    ``module_nnz`` n > 0 exactly one coordinate tensor (bitmask ``uint8`` or sorted ``int32`` / ``int64`` indices;
+    n valid coordinates) and ``values`` (n,) in ``config.save_dtype``; per module with ``module_rank`` r > 0
+    ``coeff`` (out, r) in ``save_dtype`` and ``basis`` (in, r) float; all finite; nothing else, so a file holding
+    base weights (``...base_layer.weight``, ``model.embed_tokens.weight``) or a module the config does not train is
+    refused before anything is loaded.
+
+    Args:
+        config: a ``SparseOPDConfig`` whose metadata was checked (:func:`..files.check_adapter_metadata`).
+        state_dict: ``{key: tensor}`` as read from ``adapter_model.safetensors``.
+        source: the file, for error messages.
+        allowed: other keys to pass through unchecked (peft's ``modules_to_save`` copies).
+
+    Returns:
+        The state dict with ``sparse_opd_bitmask`` / ``_indices`` replaced by ``sparse_opd_indices`` (sorted flat
+        ``int32`` indices, ``int64`` when out·in >= 2³¹), every other tensor unchanged.
+
+    Raises:
+        ValueError / TypeError: naming ``source``, the module and the tensor.
+    """
+    found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor; {_REFUSE}")
+        if key in allowed:
+            out[key] = value
+            continue
+        name, param = parse_adapter_key(key)
+        if not param:
+            raise ValueError(f"{source}: holds {key!r}, which is not a tensor of this adapter; {_REFUSE}")
+        if name not in config.module_shapes:
+            raise ValueError(
+                f"{source}: tensor {key!r} is for module '{name}', which adapter_config.json does not list "
+                f"(module_shapes); {_REFUSE}"
+            )
+        kind = "coords" if param in ("sparse_opd_bitmask", "sparse_opd_indices") else param
+        if kind in found.setdefault(name, {}):
+            raise ValueError(f"{source} module '{name}': holds both {found[name][kind][0]!r} and {key!r}; {_REFUSE}")
+        found[name][kind] = (key, value)
+    save_dtype = VALUE_DTYPES[config.save_dtype]
+    for name in sorted(set(found) | set(config.module_nnz) | set(config.module_rank)):
+        where = f"{source} module '{name}'"
+        have = found.get(name, {})
+        out_f, in_f = (int(x) for x in config.module_shapes[name])
+        nnz, rank = int(config.module_nnz.get(name, 0)), int(config.module_rank.get(name, 0))
+        need = ({"coords", "sparse_opd_values"} if nnz else set()) | (
+            {"sparse_opd_coeff", "sparse_opd_basis"} if rank else set()
+        )
+        missing, extra = sorted(need - set(have)), sorted(set(have) - need)
+        if missing:
+            what = ", ".join("coordinates" if m == "coords" else m for m in missing)
+            raise ValueError(f"{where}: no {what} although adapter_config.json gives it {nnz} coordinates and rank "
+                             f"{rank}; the file is incomplete: re-save the adapter")  # fmt: skip
+        if extra:
+            raise ValueError(f"{where}: {have[extra[0]][0]!r} is not part of this module's adapter (adapter_config.json"
+                             f" gives it {nnz} coordinates and rank {rank}); {_REFUSE}")  # fmt: skip
+        if nnz:
+            key, packed = have["coords"]
+            kind = "bitmask" if key.endswith("sparse_opd_bitmask") else "indices"
+            if kind == "indices" and packed.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"{where}: sparse_opd_indices must be int32 / int64, got {packed.dtype}; {_REFUSE}")
+            idx = unpack_coordinates(kind, packed, out_f * in_f, where)
+            if idx.numel() != nnz:
+                raise ValueError(
+                    f"{where}: {idx.numel()} coordinates but adapter_config.json says {nnz}; the file and its config "
+                    "do not belong together (a file copied over another adapter's): re-save the adapter"
+                )
+            out[key.replace("sparse_opd_bitmask", "sparse_opd_indices")] = idx.to(index_dtype(out_f * in_f))
+            key, values = have["sparse_opd_values"]
+            _check_float(values, (nnz,), (save_dtype,), f"{where}: sparse_opd_values")
+            out[key] = values
+        if rank:
+            key, coeff = have["sparse_opd_coeff"]
+            _check_float(coeff, (out_f, rank), (save_dtype,), f"{where}: sparse_opd_coeff")
+            out[key] = coeff
+            key, basis = have["sparse_opd_basis"]
+            _check_float(basis, (in_f, rank), tuple(VALUE_DTYPES.values()), f"{where}: sparse_opd_basis")
+            out[key] = basis
+    return out
