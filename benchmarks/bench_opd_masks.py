@@ -1,6 +1,6 @@
 """Does OPD learn on the toy world, and does masked retraining recover it? (issue 5, item 5)
 
-One run of this script, side by side, on the default toy world (2000 held-out prompts per number, every run from the
+One run of this script, side by side, on the shipped toy world (2000 held-out prompts per number, every run from the
 same student anchor, equal steps and lr schedule):
 
 * the anchor and the teacher;
@@ -13,7 +13,7 @@ same student anchor, equal steps and lr schedule):
 Finished runs are cached in ``--work-dir`` (a JSON per run) and skipped on a re-run. Writes
 ``benchmarks/results/opd_masks.md`` (the README table) and ``opd_masks.json``.
 
-    python benchmarks/bench_opd_masks.py                 # ~30 min on 2 cores with a cached toy world
+    python benchmarks/bench_opd_masks.py                 # ~12 min on 2 cores (two runs at a time)
     python benchmarks/bench_opd_masks.py --seeds 1 --densities 0.2 --steps 100   # quick look
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import statistics
 import time
 from pathlib import Path
@@ -37,89 +38,121 @@ def _fmt(values: list[float]) -> str:
     return f"{statistics.mean(pct):.1f} ± {statistics.stdev(pct):.1f}"
 
 
+_WORLD = None
+
+
+def _world():
+    global _WORLD
+    if _WORLD is None:
+        from sparse_opd_peft.toy import load_world
+
+        _WORLD = load_world()
+    return _WORLD
+
+
+def _job(job: dict) -> dict:
+    """One cached run in a worker process (one torch thread each): ``full`` or ``masked``."""
+    import torch
+
+    torch.set_num_threads(job["threads"])
+    from peft import get_peft_model
+
+    from sparse_opd_peft import SparseMask, SparseOPDConfig
+    from sparse_opd_peft.toy import ToyRunConfig, heldout_accuracy, opd_run
+
+    path = Path(job["work"]) / f"{job['name']}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    world, t0 = _world(), time.perf_counter()
+    cfg = ToyRunConfig(task=job["task"], loss=job["loss"], lr=job["lr"], steps=job["steps"], seed=job["seed"],
+                       progress=False)  # fmt: skip
+    if job["kind"] == "full":
+        model, hist, secs = opd_run(world.load_student(), world, cfg)
+        if job.get("save"):
+            model.save_pretrained(Path(job["work"]) / "full_opd")
+        result = {"final_kl": hist[-1].get("kl")}
+    else:
+        mask = SparseMask.load(job["mask"])
+        if job["random"]:
+            mask = SparseMask.random_like(mask, seed=job["seed"])
+        model, hist, secs = opd_run(get_peft_model(world.load_student(), SparseOPDConfig(mask=mask)), world, cfg)
+        result = {"nnz": mask.nnz(), "density": mask.density()}
+    result |= {"acc": heldout_accuracy(model, world, job["task"], job["eval_samples"]), "train_seconds": secs,
+               "seconds": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    path.write_text(json.dumps(result, indent=1))
+    print(job["name"], result, flush=True)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache-dir", default=None, help="toy-world cache (default $SPARSE_OPD_CACHE or ~/.cache)")
     ap.add_argument("--work-dir", default="runs/bench_opd_masks", help="per-run results and the full-OPD model")
     ap.add_argument("--task", default="add")
     ap.add_argument("--loss", default="full_kl")
     ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=2e-3, help="the demo's learning rate")
+    ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.2, 0.45])
     ap.add_argument("--eval-samples", type=int, default=2000)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel (one process each)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "opd_masks.md"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from peft import get_peft_model
+    from sparse_opd_peft import SparseMask
+    from sparse_opd_peft.toy import heldout_accuracy
 
-    from sparse_opd_peft import SparseMask, SparseOPDConfig
-    from sparse_opd_peft.toy import ToyRunConfig, build_world, heldout_accuracy, opd_run
-
-    world = build_world(args.cache_dir)
-    work = Path(args.work_dir)
+    world = _world()
+    work = Path(args.work_dir) / world.key
     work.mkdir(parents=True, exist_ok=True)
-    base = ToyRunConfig(task=args.task, loss=args.loss, lr=args.lr, steps=args.steps, progress=True)
     seeds = list(range(args.seeds))
-
-    def cached(name: str, fn) -> dict:
-        path = work / f"{name}.json"
-        if path.exists():
-            return json.loads(path.read_text())
-        t0 = time.perf_counter()
-        result = fn()
-        result["seconds"] = round(time.perf_counter() - t0, 1)
-        path.write_text(json.dumps(result, indent=1))
-        print(name, result, flush=True)
-        return result
-
-    acc = lambda model: heldout_accuracy(model, world, args.task, args.eval_samples)  # noqa: E731
-    anchor = cached("anchor", lambda: {"acc": acc(world.load_student())})
-    teacher = cached("teacher", lambda: {"acc": acc(world.teacher)})
-
-    def full(seed: int, loss: str) -> dict:
-        model, hist, secs = opd_run(world.load_student(), world, base.with_(seed=seed, loss=loss))
-        if seed == 0 and loss == args.loss:
-            model.save_pretrained(work / "full_opd")
-        return {"acc": acc(model), "train_seconds": secs, "final_kl": hist[-1].get("kl")}
-
-    full_runs = [cached(f"full_{args.loss}_s{s}", lambda s=s: full(s, args.loss)) for s in seeds]
+    common = {"work": str(work), "task": args.task, "steps": args.steps, "lr": args.lr, "threads": args.threads,
+              "eval_samples": args.eval_samples}  # fmt: skip
     other = "sampled_token" if args.loss != "sampled_token" else "full_kl"
-    other_runs = [cached(f"full_{other}_s{s}", lambda s=s: full(s, other)) for s in seeds]
-    if not (work / "full_opd").exists():  # cached results but the model dir was removed: retrain seed 0
-        full(0, args.loss)
+    pool = mp.get_context("spawn").Pool(args.jobs)
+
+    def run_all(jobs: list[dict]) -> list[dict]:
+        return pool.map(_job, jobs, chunksize=1)
+
+    anchor = {"acc": heldout_accuracy(world.load_student(), world, args.task, args.eval_samples)}
+    teacher = {"acc": heldout_accuracy(world.teacher, world, args.task, args.eval_samples)}
+    full_jobs = [common | {"kind": "full", "name": f"full_{loss}_s{s}", "loss": loss, "seed": s,
+                           "save": s == 0 and loss == args.loss} for loss in (args.loss, other) for s in seeds]  # fmt: skip
+    if not (work / "full_opd").exists():  # the masks come from the seed-0 run's model: (re)train it
+        (work / f"full_{args.loss}_s0.json").unlink(missing_ok=True)
+    done = run_all(full_jobs)
+    full_runs, other_runs = done[: len(seeds)], done[len(seeds) :]
 
     masks = {"bf16-visible": SparseMask.from_checkpoints(world.student_path, work / "full_opd", rule="bf16_visible")}
     for d in args.densities:
         masks[f"top-{d:.0%} |ΔW|"] = SparseMask.from_checkpoints(
             world.student_path, work / "full_opd", rule="topk", density=d
         )
-
-    def masked(mask: SparseMask, seed: int) -> dict:
-        model = get_peft_model(world.load_student(), SparseOPDConfig(mask=mask))
-        trained, hist, secs = opd_run(model, world, base.with_(seed=seed))
-        return {"acc": acc(trained), "train_seconds": secs, "nnz": mask.nnz(), "density": mask.density()}
-
-    rows = []
+    jobs = []
     for name, mask in masks.items():
         key = name.replace("%", "").replace(" ", "_").replace("|ΔW|", "absdelta")
-        ours = [cached(f"mask_{key}_s{s}", lambda s=s, m=mask: masked(m, s)) for s in seeds]
-        rand = [
-            cached(f"random_{key}_s{s}", lambda s=s, m=mask: masked(SparseMask.random_like(m, seed=s), s))
-            for s in seeds
-        ]
-        ffn = mask.type_stats()["ffn"]["share_of_nnz"]
-        rows.append((name, mask.density(), ffn, ours, rand))
+        mask.save(work / f"mask_{key}.safetensors", overwrite=True)
+        for random in (False, True):
+            jobs += [common | {"kind": "masked", "name": f"{'random' if random else 'mask'}_{key}_s{s}", "seed": s,
+                               "loss": args.loss, "mask": str(work / f"mask_{key}.safetensors"), "random": random}
+                     for s in seeds]  # fmt: skip
+    done = iter(run_all(jobs))
+    pool.close()
+    rows = []
+    for name, mask in masks.items():
+        ours = [next(done) for _ in seeds]
+        rand = [next(done) for _ in seeds]
+        rows.append((name, mask.density(), mask.type_stats()["ffn"]["share_of_nnz"], ours, rand))
 
     n = len(seeds)
     lines = [
-        f"Task `{args.task}`, {args.steps} OPD steps × 64 prompts, AdamW lr {args.lr:g} (10 warm-up steps, linear "
-        f"decay), held-out greedy accuracy (%) on {args.eval_samples} prompts, mean ± std over {n} seed(s) "
+        f"Toy world `{world.key}` (shipped), task `{args.task}`, {args.steps} OPD steps × 64 prompts, AdamW lr "
+        f"{args.lr:g} (10 warm-up steps, linear decay), held-out greedy accuracy (%) on {args.eval_samples} prompts, "
+        f"mean ± std over {n} seed(s); every mask from the seed-0 full run "
         f"(`python benchmarks/bench_opd_masks.py`).",
         "",
-        "| run | density (FFN share) | accuracy % | random mask, same per-module density % |",
+        "| run | density (FFN share) | accuracy % | random mask, same per-module counts % |",
         "|---|---:|---:|---:|",
         f"| student anchor | – | {_fmt([anchor['acc']])} | |",
         f"| teacher | – | {_fmt([teacher['acc']])} | |",
@@ -135,13 +168,15 @@ def main() -> None:
     secs = [r["train_seconds"] for r in full_runs]
     lines += [
         "",
-        f"Full OPD wall-clock per run: {statistics.mean(secs):.0f} s ({args.threads} thread(s)).",
+        f"Full OPD wall-clock per run: {statistics.mean(secs):.0f} s ({args.threads} thread(s), {args.jobs} runs "
+        "in parallel).",
     ]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     summary = {
         "args": vars(args),
+        "world": world.key,
         "anchor": anchor,
         "teacher": teacher,
         "full": full_runs,

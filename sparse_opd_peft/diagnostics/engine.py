@@ -9,6 +9,8 @@ matrices (unweighted), overall, per module type and per layer. Energy shares are
 from __future__ import annotations
 
 import math
+from pathlib import Path
+import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -304,7 +306,8 @@ def trajectory(
 
     Args:
         source: W0 (any source kind, see :func:`diagnose`). checkpoints: ordered W_t sources, the last is "end".
-        labels: names for the checkpoints (default: their paths). k: K of Sim_K. device / method: linear algebra.
+        labels: names for the checkpoints (default: the step number in names like ``step_250.safetensors``, else
+            their paths). k: K of Sim_K. device / method: linear algebra.
 
     Returns:
         :class:`TrajectoryResult`; ``steps[i]`` holds matrix means of ``stable_rank``, ``fro_norm``,
@@ -316,7 +319,10 @@ def trajectory(
     t0 = time.perf_counter()
     src = open_source(source)
     tuned = [open_source(c) for c in checkpoints]
-    labels = list(labels) if labels is not None else [t.label for t in tuned]
+    if labels is None:  # a step number where the checkpoint names one (".../step_250.safetensors"), else its path
+        found = [re.search(r"step[_-]?(\d+)", Path(str(t.label)).name) for t in tuned]
+        labels = [m.group(1) for m in found] if all(found) else [t.label for t in tuned]
+    labels = list(labels)
     if len(labels) != len(tuned):
         raise ValueError(f"{len(labels)} labels for {len(tuned)} checkpoints; pass one label per checkpoint")
     rows: list[dict] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -239,13 +240,17 @@ def _plot_trajectory(result: dict, path: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     steps = result["steps"]
-    xs = list(range(len(steps)))
+    numeric = all(re.fullmatch(r"-?\d+(\.\d+)?", str(s["label"])) for s in steps)
+    xs = [float(s["label"]) for s in steps] if numeric else list(range(len(steps)))
     for ax, key, title in zip(axes.flat, ("stable_rank", "fro_norm", "hill_alpha", "sim_k"),
                               ("Stable rank of ΔW_t", "‖ΔW_t‖_F", "Hill α̂ of ΔW_t",
                                f"Sim_{result['config']['k']}(t, end)"), strict=True):  # fmt: skip
         ax.plot(xs, [math.nan if s[key] is None else s[key] for s in steps], "o-")
         ax.set_title(title)
-        ax.set_xticks(xs, [s["label"] for s in steps], rotation=30, ha="right", fontsize=8)
+        if numeric:
+            ax.set_xlabel("optimizer step")
+        else:  # short names, not full paths
+            ax.set_xticks(xs, [Path(str(s["label"])).name for s in steps], rotation=30, ha="right", fontsize=8)
         ax.grid(alpha=0.3)
     axes[1, 1].set_ylim(0, 1.05)
     fig.suptitle("Trajectory (mean over matrices)")

@@ -22,6 +22,7 @@ RESUME_FREE_FIELDS = (
     "project_name",
     "logging_dir",
     "progress_bar",
+    "run_name",
 )
 
 
@@ -51,7 +52,7 @@ class OPDConfig:
     warm-up) or ``"constant"``. ``optimizer``: ``"adamw"`` (betas ``adam_betas``) or ``"sgd"`` (``momentum``).
     ``weight_decay`` applies to every trainable tensor except biases and normalisation weights.
 
-    Bookkeeping: ``eval_every`` steps (0 = never) greedy held-out reward / accuracy on ``eval_samples`` prompts;
+    Bookkeeping: ``run_name`` names the progress bar (default ``opd[<loss>]``); ``eval_every`` steps (0 = never) greedy held-out reward / accuracy on ``eval_samples`` prompts;
     ``save_every`` steps (0 = never) a ``step_{k}.safetensors`` of the trainable state and a resumable
     ``checkpoint_dir/state`` (``accelerate`` state + step counter + history).
     """
@@ -90,6 +91,7 @@ class OPDConfig:
     project_name: str = "sparse_opd"
     logging_dir: Optional[str] = None
     progress_bar: bool = True
+    run_name: Optional[str] = None
 
     def __post_init__(self) -> None:
         def bad(name: str, value: Any, need: str) -> ValueError:

@@ -342,7 +342,7 @@ class OPDTrainer:
         end = cfg.steps if max_steps is None else min(cfg.steps, max_steps)
         if cfg.save_every and self.step == 0:
             self.save_trainable_state(Path(cfg.checkpoint_dir) / "step_0.safetensors")
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"opd[{cfg.loss}]",
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.run_name or f"opd[{cfg.loss}]",
                    disable=not (cfg.progress_bar and acc.is_local_main_process))  # fmt: skip
         while self.step < end:
             metrics = self._train_step()

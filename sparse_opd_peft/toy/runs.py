@@ -35,7 +35,7 @@ class ToyRunConfig:
             sparsification, teacher rollouts, the OPD / RLVR mix weight of ``loss="mix"``).
         save_every: trainable-state snapshots every this many steps (0 = none) into ``checkpoint_dir``.
         eval_every: held-out accuracy every this many steps on ``eval_samples`` prompts (0 = never).
-        progress: progress bar.
+        progress: progress bar. run_name: its label (default ``opd[<loss>]``).
     """
 
     task: str = "add"
@@ -55,6 +55,7 @@ class ToyRunConfig:
     eval_every: int = 0
     eval_samples: int = 500
     progress: bool = True
+    run_name: Optional[str] = None
 
     def with_(self, **changes: Any) -> ToyRunConfig:
         """A copy with ``changes`` applied."""
@@ -113,7 +114,7 @@ def opd_config(world: ToyWorld, cfg: ToyRunConfig, checkpoint_dir: Optional[str 
         loss=cfg.loss, lr=cfg.lr, lr_schedule="linear", warmup_steps=cfg.warmup_steps, optimizer=cfg.optimizer,
         steps=cfg.steps, batch_size=cfg.batch_size, num_generations=cfg.num_generations,
         token_keep=cfg.token_keep, token_keep_ratio=cfg.token_keep_ratio, off_policy=cfg.off_policy, alpha=cfg.alpha,
-        max_new_tokens=world.tasks[cfg.task].answer_width + 2, seed=cfg.seed, progress_bar=cfg.progress,
+        max_new_tokens=world.tasks[cfg.task].answer_width + 2, seed=cfg.seed, progress_bar=cfg.progress, run_name=cfg.run_name,
         save_every=cfg.save_every if checkpoint_dir else 0,
         checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
         eval_every=cfg.eval_every, eval_samples=cfg.eval_samples,

@@ -1,17 +1,22 @@
-"""Build (once) and load (afterwards) the toy world: tokenizer, task splits, teacher and student, on disk.
+"""The toy world: tokenizer, task splits, teacher and student. One world ships with the package; others are built.
 
-Layout: ``<cache_dir>/<key>/{tokenizer,teacher,student}/`` (``save_pretrained``, safetensors) plus ``world.json``
-(recipe, versions, held-out accuracies measured at build time, build time). ``key`` hashes every recipe field,
-:data:`RECIPE_VERSION` and the torch / transformers major.minor, so changing the recipe or the code's recipe
-version builds a new world instead of reusing a stale one. A build happens in a temporary sibling directory that is
-moved into place with ``os.replace``; a concurrent builder that loses the race discards its copy and loads the
-winner's. Datasets are not stored: they are regenerated from the recipe seed (deterministic and fast).
+**The shipped world** (``sparse_opd_peft/toy/shipped_world/``, package data): the tokenizer, teacher and student
+anchor as safetensors (float32), with ``world.json``: the recipe that built them, the build record (held-out
+accuracies, torch / transformers / Python versions, the command, timings) and the world's **key**, a hash of the
+weight and tokenizer files. :func:`load_world` with no argument loads it: nothing is trained, and the weights are
+bit-identical on every machine. The demo, tests, benchmarks, study and continual experiments use it by default.
 
-Determinism and speed: model init and data order come from the recipe seed only, and the build runs with
-``torch.set_num_threads(recipe.num_threads)`` (default 1; the caller's thread count and the global torch RNG state
-are restored afterwards), so the cache key pins the weights for a given torch build and CPU. One thread is the
-default because these models are tiny: on 2 shared cores a 2-thread build measured 0.13-0.8 s per teacher step
-depending on other load (OpenMP threads waiting for a descheduled partner), one thread a steady ~0.25 s.
+**Built worlds.** :func:`build_world` with a recipe trains a world from it and caches it under
+``<cache_dir>/<recipe hash>/{tokenizer,teacher,student}/`` plus ``world.json``. Training is deterministic on one
+machine, but not across machines (CPU kernels differ in their last bits, and the student anchor's recipe stops SFT
+at a chosen point of its trajectory), so a rebuilt world is another world: its key is the hash of its own files.
+``python -m sparse_opd_peft.toy --rebuild`` rebuilds the shipped world's recipe and prints both worlds' accuracies.
+A build happens in a temporary sibling directory that is moved into place with ``os.replace``; a concurrent builder
+that loses the race discards its copy and loads the winner's. Datasets are not stored: they are regenerated from the
+recipe seed (deterministic and fast).
+
+Speed: a build runs with ``torch.set_num_threads(recipe.num_threads)`` (default 1; the caller's thread count and
+the global torch RNG state are restored afterwards). One thread is the default because these models are tiny.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import platform
 import shutil
-import tempfile
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +37,7 @@ from datasets import DatasetDict
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3ForCausalLM
 from transformers.utils import logging as hf_logging
 
+from ..atomic import make_temp_dir, normalize_modes, write_text_atomic
 from .evaluate import evaluate_accuracy
 from .models import ModelSpec, build_model, train_sft
 from .tasks import TASKS, Task, get_task, make_splits
@@ -40,6 +47,9 @@ RECIPE_VERSION = 1
 """Bump when code changes what a given recipe builds (data format, tokenizer, training loop)."""
 
 ENV_CACHE_DIR = "SPARSE_OPD_CACHE"
+SHIPPED_WORLD_DIR = Path(__file__).resolve().with_name("shipped_world")
+"""The world that ships with the package (package data)."""
+_KEYED_FILES = ("teacher/model.safetensors", "student/model.safetensors", "tokenizer/tokenizer.json")
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,8 @@ def _major_minor(version: str) -> str:
 
 
 def cache_key(recipe: ToyRecipe) -> str:
-    """16-hex-digit key of a recipe: sha256 of all recipe fields, RECIPE_VERSION and torch/transformers major.minor."""
+    """16-hex-digit name of a recipe's cache directory: sha256 of all recipe fields, RECIPE_VERSION and torch /
+    transformers major.minor. It names where a build is cached, not the world: see :func:`world_key`."""
     payload = {
         "recipe": recipe.to_dict(),
         "recipe_version": RECIPE_VERSION,
@@ -135,6 +146,23 @@ def cache_key(recipe: ToyRecipe) -> str:
         "transformers": _major_minor(transformers.__version__),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def world_key(directory: str | os.PathLike) -> str:
+    """16-hex-digit key of the world stored in ``directory``: sha256 of its teacher, student and tokenizer files.
+
+    Two worlds with the same key hold bit-identical weights, whatever recipe or machine made them.
+
+    Raises:
+        FileNotFoundError: when one of the keyed files is missing.
+    """
+    digest = hashlib.sha256()
+    for rel in _KEYED_FILES:
+        file = Path(directory) / rel
+        if not file.is_file():
+            raise FileNotFoundError(f"toy world at {directory} is incomplete: {rel} is missing")
+        digest.update(rel.encode() + b"\0" + hashlib.sha256(file.read_bytes()).digest())
+    return digest.hexdigest()[:16]
 
 
 def default_cache_dir() -> Path:
@@ -154,10 +182,11 @@ class ToyWorld:
         tasks: task name -> :class:`Task` (recipe order).
         datasets: task name -> ``DatasetDict`` with ``train`` / ``heldout`` (columns ``prompt``, ``answer``).
         accuracies: ``{"teacher": {task: acc}, "student": {task: acc}}`` greedy held-out accuracy at build time.
-        path: the world's directory (``<cache_dir>/<key>``).
-        key: the cache key.
-        from_cache: True when this call loaded an existing build.
+        path: the world's directory (the shipped world's package folder, or ``<cache_dir>/<recipe hash>``).
+        key: the world's key (:func:`world_key`: a hash of its weight and tokenizer files).
+        from_cache: True when this call loaded an existing world (shipped or cached) rather than training one.
         build_seconds: wall time of the original build.
+        record: the rest of ``world.json`` (versions and command of the build, timings).
     """
 
     recipe: ToyRecipe
@@ -171,7 +200,12 @@ class ToyWorld:
     key: str
     from_cache: bool
     build_seconds: float
+    record: dict = field(default_factory=dict)
 
+    @property
+    def shipped(self) -> bool:
+        """True when this is the world that ships with the package."""
+        return self.path.resolve() == SHIPPED_WORLD_DIR
     @property
     def teacher_path(self) -> Path:
         """Directory of the saved teacher (``from_pretrained``-loadable)."""
@@ -221,7 +255,7 @@ def _mixture(recipe: ToyRecipe, datasets: dict[str, DatasetDict]) -> tuple[list[
     return prompts, answers
 
 
-def _build_into(directory: Path, recipe: ToyRecipe, progress: bool) -> None:
+def _build_into(directory: Path, recipe: ToyRecipe, progress: bool, command: str) -> None:
     start = time.perf_counter()
     tokenizer = build_tokenizer()
     datasets = _splits(recipe)
@@ -251,30 +285,49 @@ def _build_into(directory: Path, recipe: ToyRecipe, progress: bool) -> None:
         model.save_pretrained(directory / role, safe_serialization=True)
     tokenizer.save_pretrained(directory / "tokenizer")
     meta = {
-        "key": cache_key(recipe),
+        "key": world_key(directory),
         "recipe": recipe.to_dict(),
         "recipe_version": RECIPE_VERSION,
+        "recipe_hash": cache_key(recipe),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "command": command,
         "accuracies": accuracies,
+        "n_heldout": recipe.n_heldout,
         "train_seconds": train_seconds,
         "build_seconds": round(time.perf_counter() - start, 2),
     }
-    (directory / "world.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_text_atomic(directory / "world.json", json.dumps(meta, indent=2) + "\n")
 
 
-def load_world(path: str | os.PathLike) -> ToyWorld:
-    """Load a built world from its directory (``<cache_dir>/<key>``).
+def load_world(path: str | os.PathLike | None = None, verify: bool = True) -> ToyWorld:
+    """Load a world from its directory; with no ``path``, the world that ships with the package.
+
+    Args:
+        path: a directory holding ``world.json``, ``tokenizer/``, ``teacher/`` and ``student/``; ``None`` = the
+            shipped world (:data:`SHIPPED_WORLD_DIR`).
+        verify: check that the files hash to the key recorded in ``world.json``.
 
     Raises:
-        FileNotFoundError: when ``path`` holds no ``world.json``.
+        FileNotFoundError: when ``path`` holds no ``world.json`` or misses a model / tokenizer file.
+        ValueError: when the files do not match the recorded key (a changed or corrupted world).
     """
-    path = Path(path)
+    path = Path(path) if path is not None else SHIPPED_WORLD_DIR
     meta_file = path / "world.json"
     if not meta_file.is_file():
         raise FileNotFoundError(f"no toy world at {path} (missing world.json)")
     meta = json.loads(meta_file.read_text())
+    if "recipe_hash" not in meta:  # a build of RECIPE_VERSION 1 code keyed by its recipe: key it by its files
+        meta["key"] = world_key(path)
+    if verify and world_key(path) != meta["key"]:
+        raise ValueError(
+            f"toy world at {path}: its files hash to {world_key(path)}, but world.json records key {meta['key']}; "
+            "the files were changed after the build (reinstall the package, or rebuild the world)"
+        )
     recipe = ToyRecipe.from_dict(meta["recipe"])
+    record = {k: v for k, v in meta.items() if k not in ("key", "recipe", "accuracies", "build_seconds")}
     return ToyWorld(
         recipe=recipe,
         tokenizer=AutoTokenizer.from_pretrained(path / "tokenizer"),
@@ -287,23 +340,31 @@ def load_world(path: str | os.PathLike) -> ToyWorld:
         key=meta["key"],
         from_cache=True,
         build_seconds=float(meta["build_seconds"]),
+        record=record,
     )
 
 
 def build_world(
-    cache_dir: str | os.PathLike | None = None, recipe: ToyRecipe | None = None, progress: bool = True
+    cache_dir: str | os.PathLike | None = None,
+    recipe: ToyRecipe | None = None,
+    progress: bool = True,
+    command: str = "sparse_opd_peft.toy.build_world",
 ) -> ToyWorld:
-    """Return the toy world for ``recipe`` (default :class:`ToyRecipe`), building and caching it on first use.
+    """The toy world for ``recipe``: with no recipe, the shipped world (nothing is trained); with a recipe, the
+    world it builds, trained on first use and cached afterwards.
 
     Args:
-        cache_dir: cache root; default :func:`default_cache_dir`.
-        recipe: what to build; ``ToyRecipe.tiny()`` builds in seconds.
+        cache_dir: cache root for built worlds; default :func:`default_cache_dir`. Unused for the shipped world.
+        recipe: what to build; ``None`` loads the shipped world, ``ToyRecipe.tiny()`` builds in seconds,
+            :func:`shipped_recipe` rebuilds the shipped world's recipe (another world: see the module docstring).
         progress: show tqdm bars while training.
+        command: recorded in ``world.json`` as the command that built the world.
 
     Returns:
-        the :class:`ToyWorld`; ``from_cache`` tells whether it was loaded rather than built.
+        the :class:`ToyWorld`; ``from_cache`` tells whether it was loaded rather than trained.
     """
-    recipe = recipe if recipe is not None else ToyRecipe()
+    if recipe is None:
+        return load_world()
     if not isinstance(recipe, ToyRecipe):
         raise ValueError(f"recipe must be a ToyRecipe, got {type(recipe).__name__}")
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
@@ -312,12 +373,13 @@ def build_world(
     if (final / "world.json").is_file():
         return load_world(final)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=root))
+    tmp = make_temp_dir(root, key)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(recipe.num_threads)
         with torch.random.fork_rng(devices=[]):
-            _build_into(tmp, recipe, progress)
+            _build_into(tmp, recipe, progress, command)
+        normalize_modes(tmp)  # the usual 0644 / 0755 under the umask (temp dirs and safetensors files are 0600)
         try:
             os.replace(tmp, final)
         except OSError as err:
@@ -331,3 +393,8 @@ def build_world(
     world = load_world(final)
     world.from_cache = False
     return world
+
+
+def shipped_recipe() -> ToyRecipe:
+    """The recipe the shipped world was built from (read from its ``world.json``)."""
+    return ToyRecipe.from_dict(json.loads((SHIPPED_WORLD_DIR / "world.json").read_text())["recipe"])
