@@ -3,7 +3,9 @@
 ``DIR/study.md`` becomes ``benchmarks/results/study.md`` with its image links pointing at the copied PNGs in
 ``benchmarks/results/study_plots/``; ``DIR/study.json`` is copied as ``benchmarks/results/study.json`` without the per-step histories of the runs
 (configs, final metrics and wall-clock stay; the full file stays in DIR). Then run
-``python benchmarks/render_readme.py``.
+``python benchmarks/render_readme.py``. The published ``study.md`` is regenerated from the published ``study.json`` by
+``sparse_opd_peft.study.render_study`` and :func:`rewrite_links` (``tests/test_study_golden.py``), so publish both
+together and edit neither by hand.
 
     python benchmarks/publish_study.py runs/study
 """
@@ -19,6 +21,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def rewrite_links(markdown: str) -> str:
+    """``study.md`` as published: image links ``](plots/x.png)`` point at ``benchmarks/results/study_plots/x.png``."""
+    return re.sub(r"\]\((?:\./)?plots/", "](benchmarks/results/study_plots/", markdown)
+
+
 def publish(study_dir: Path, results: Path = ROOT / "benchmarks" / "results") -> list[str]:
     """Copy ``study.md`` (links rewritten), ``study.json`` and every PNG of ``study_dir/plots``; returns the PNG names."""
     md, js = study_dir / "study.md", study_dir / "study.json"
@@ -30,7 +37,7 @@ def publish(study_dir: Path, results: Path = ROOT / "benchmarks" / "results") ->
     for png in sorted((study_dir / "plots").glob("*.png")):
         shutil.copyfile(png, plots / png.name)
         names.append(png.name)
-    text = re.sub(r"\]\((?:\./)?plots/", "](benchmarks/results/study_plots/", md.read_text())
+    text = rewrite_links(md.read_text())
     tmp = results / "study.md.tmp"
     tmp.write_text(text)
     tmp.replace(results / "study.md")

@@ -236,7 +236,7 @@ def subspace(
 def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", "-o", help="Output directory (reports, adapter, plots)."),
     cache_dir: Path = typer.Option(
-        None, "--cache-dir", help="Toy-world cache (default $SPARSE_OPD_CACHE or ~/.cache)."
+        None, "--cache-dir", help="Cache of built worlds, for --tiny (the default world ships with the package)."
     ),
     task: str = typer.Option("add", "--task", help="Toy task to distil (add | sub)."),
     loss: str = typer.Option(
@@ -245,8 +245,8 @@ def demo(
     steps: int = typer.Option(250, "--steps", help="OPD steps of every run (full, masked, random)."),
     warmup_steps: int = typer.Option(10, "--warmup-steps", help="Linear lr warm-up steps before the decay."),
     batch_size: int = typer.Option(64, "--batch-size", help="Prompts per step."),
-    lr: float = typer.Option(1e-3, "--lr", help="Learning rate of full OPD (linear decay)."),
-    adapter_lr: float = typer.Option(1e-3, "--adapter-lr", help="Learning rate of the masked runs."),
+    lr: float = typer.Option(2e-3, "--lr", help="Learning rate of full OPD (linear decay)."),
+    adapter_lr: float = typer.Option(2e-3, "--adapter-lr", help="Learning rate of the masked runs."),
     density: float = typer.Option(0.2, "--density", help="Top-k |ΔW| mask density."),
     eval_samples: int = typer.Option(2000, "--eval-samples", help="Held-out prompts for accuracy."),
     seed: int = typer.Option(0, "--seed", help="Seed of every run."),
@@ -254,7 +254,7 @@ def demo(
     threads: int = typer.Option(1, "--threads", help="torch threads (1 is fastest for the tiny toy models)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
-    """Whole story on the offline toy world: full OPD, diagnostics, mask, masked retrain vs random, merge, report."""
+    """Whole story on the shipped toy world: full OPD, diagnostics, mask, masked retrain vs random, merge, verdicts."""
     from .demo import DemoConfig, run_demo
 
     with cli_errors():

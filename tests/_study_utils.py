@@ -8,10 +8,11 @@ from pathlib import Path
 from sparse_opd_peft.study import StudyConfig
 
 
-def tiny_config(root: Path, sections: tuple[str, ...]) -> StudyConfig:
-    """A study on the tiny toy world under ``root`` (4 steps, 1 seed, 16 held-out prompts): seconds, not results."""
+def tiny_config(root: Path, sections: tuple[str, ...], cache_dir: Path) -> StudyConfig:
+    """A study under ``root`` on the tiny toy world cached in ``cache_dir`` (the session's ``tiny_toy_cache``) with 4
+    steps, 1 seed and 16 held-out prompts: seconds, not results."""
     return StudyConfig(
-        out=str(root / "study"), cache_dir=str(root / "toy"), tiny=True, steps=4, seeds=1, eval_samples=16,
+        out=str(root / "study"), cache_dir=str(cache_dir), tiny=True, steps=4, seeds=1, eval_samples=16,
         progress=False, threads=1, workers=1, sections=sections,
     )  # fmt: skip
 

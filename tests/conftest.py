@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny Qwen3 built from a config and masks over its block Linears."""
+"""Shared fixtures: a tiny Qwen3 built from a config and masks over its block Linears, and the tiny toy world (built
+once per session)."""
 
 from __future__ import annotations
 
@@ -57,3 +58,26 @@ def mask(model):
 @pytest.fixture
 def ids():
     return torch.randint(0, 32, (2, 9), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="session")
+def tiny_toy_cache(tmp_path_factory):
+    """A toy-world cache root in which ``build_world(root, ToyRecipe.tiny())`` has been built, once per session.
+
+    ``build_world`` caches by recipe, so every test that builds the tiny world on this root (``StudyConfig(tiny=True,
+    cache_dir=...)``, ``--tiny --cache-dir``) loads it instead of training it again. Its teacher is nearly untrained
+    (held-out accuracy of a few %): tests on it check mechanics, not results.
+    """
+    from sparse_opd_peft.toy import ToyRecipe, build_world
+
+    root = tmp_path_factory.mktemp("toy_cache")
+    build_world(root, ToyRecipe.tiny(), progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_toy_world(tiny_toy_cache):
+    """The tiny toy world of :func:`tiny_toy_cache` (loaded from the cache)."""
+    from sparse_opd_peft.toy import ToyRecipe, build_world
+
+    return build_world(tiny_toy_cache, ToyRecipe.tiny(), progress=False)

@@ -156,11 +156,10 @@ def test_exclude_makes_stage2_disjoint_and_changes_avoid_stage1():
 # ---------------------------------------------------------------- stages and the script, end to end
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    from sparse_opd_peft.toy import ToyRecipe, build_world
-
-    return build_world(tmp_path_factory.mktemp("toy"), ToyRecipe.tiny(), progress=False)
+@pytest.fixture
+def tiny_world(tiny_toy_world):
+    """The session's tiny toy world (built once, in ``conftest.tiny_toy_cache``)."""
+    return tiny_toy_world
 
 
 @pytest.mark.parametrize("method", ["sparse", "lora"])

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from sparse_opd_peft.study import SECTIONS, StudyConfig, write_atomic
-from sparse_opd_peft.study.core import _SECTION_COST, worker_groups
+from sparse_opd_peft.study import SECTIONS, RenderInfo, StudyConfig, write_atomic
+from sparse_opd_peft.study.core import _SECTION_COST, render_header, worker_groups
 
 
 @pytest.mark.parametrize(
@@ -40,3 +40,18 @@ def test_write_atomic_creates_parents_and_leaves_no_temp(tmp_path):
     write_atomic(target, json.dumps({"x": 2}))
     assert json.loads(target.read_text()) == {"x": 2}
     assert sorted(p.name for p in target.parent.iterdir()) == ["study.json"]
+
+
+def test_header_and_compute_seconds_come_from_the_run_store():
+    runs = {"rec_top20_s0": {"train_seconds": 1.0, "config": {"steps": 10}, "wall_seconds": 60.0},
+            "rec_bf16_opd_full_s0": {"density": 0.9, "wall_seconds": 30.0},  # derived entry: no training
+            "opd_full_s0": {"train_seconds": 2.0, "config": {"steps": 25}, "wall_seconds": 150.0}}  # fmt: skip
+    acc = {"student": {"add": 0.131}, "teacher": {"add": 1.0}}
+    info = RenderInfo(StudyConfig(out="runs/x", seeds=2, steps=10), acc, {}, {"add": 4}, runs)
+    header = render_header(info)
+    expected = "(task `add`, 10 steps × 64 prompts, lr 0.001, 2000 held-out prompts; anchor 13.1 %, teacher 100.0 %"
+    assert expected in header[2]
+    assert header[4] == ("Cost: 2 training runs, 35 optimizer steps; recorded wall-clock of all cached entries 4 min (as "
+                         "first measured, whatever else ran on the machine then).")  # fmt: skip
+    assert info.compute_seconds("rec_") == (2, 90.0) and info.compute_seconds("sub_") == (0, 0.0)
+    assert info.anchor == 0.131 and info.base.steps == 10 and info.base.eval_samples == 500

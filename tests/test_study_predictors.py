@@ -13,14 +13,14 @@ from _study_utils import numbers, tiny_config
 from sparse_opd_peft.study import StudyConfig, StudyContext, predictors, savings
 
 
-def _config(root: Path) -> StudyConfig:
-    return tiny_config(root, ("predictors", "savings"))
+def _config(root: Path, cache: Path) -> StudyConfig:
+    return tiny_config(root, ("predictors", "savings"), cache)
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
+def study(tmp_path_factory, tiny_toy_cache):
     root = tmp_path_factory.mktemp("study_predictors")
-    ctx = StudyContext(_config(root))
+    ctx = StudyContext(_config(root, tiny_toy_cache))
     return root, ctx, predictors.run(ctx), savings.run(ctx)
 
 
@@ -52,8 +52,16 @@ def test_predictors_section(study):
     assert not rows["g16_abs"]["acc"]  # agreement-only row
     assert set(sec.data["rows_hi"]) == set(rows) and len(sec.data["rows_hi"]["final"]["acc"]) == 1
     assert sec.data["probe_snapshot_match_max_abs"] == [0.0]  # the probe replays the full run's first steps
-    verdicts = ("Recovers full-mask quality", "No predictor recovers", "does not separate the predictors")
-    assert any(v in sec.markdown for v in verdicts)
+    # exactly the statement that the section's own numbers give, once per density (both ways: test_study_verdicts.py)
+    statements = {"recovers": "**Recovers full-mask quality", "none": "**No predictor recovers",
+                  "no_separation": "does not separate the predictors"}  # fmt: skip
+    half = sec.markdown.index("density (seed 0):")
+    for md, section_rows in ((sec.markdown[:half], rows), (sec.markdown[half:], sec.data["rows_hi"])):
+        kind, good = predictors.outcome(section_rows)
+        for k, statement in statements.items():
+            assert md.count(statement) == int(k == kind), (k, kind)
+        for key in good:
+            assert section_rows[key]["label"] in md.split(statements["recovers"])[1].splitlines()[0]
     _check_plots(root, sec.plots)
 
 
@@ -82,7 +90,7 @@ def test_savings_section(study):
     _check_plots(root, sec.plots)
 
 
-def test_second_run_is_served_from_the_cache(study, monkeypatch):
+def test_second_run_is_served_from_the_cache(study, monkeypatch, tiny_toy_cache):
     root, _, first, first_sav = study
 
     def boom(*args, **kwargs):
@@ -96,7 +104,7 @@ def test_second_run_is_served_from_the_cache(study, monkeypatch):
     monkeypatch.setattr(runs, "opd_probe_run", boom)
     monkeypatch.setattr(mp, "gradient_statistics", boom)
     monkeypatch.setattr(savings, "_measure_all", boom)
-    ctx = StudyContext(_config(root))
+    ctx = StudyContext(_config(root, tiny_toy_cache))
     again, sav = predictors.run(ctx), savings.run(ctx)
     assert again.data["rows"]["final"]["acc"] == first.data["rows"]["final"]["acc"]
     assert again.markdown == first.markdown and sav.data["bench"] == first_sav.data["bench"]

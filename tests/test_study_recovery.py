@@ -28,10 +28,10 @@ def _forbid(*_args, **_kwargs):
 
 
 @pytest.fixture(scope="module")
-def sections(tmp_path_factory):
+def sections(tmp_path_factory, tiny_toy_cache):
     torch.set_num_threads(1)
     cfg = StudyConfig(
-        out=str(tmp_path_factory.mktemp("study")), cache_dir=str(tmp_path_factory.mktemp("toy")), tiny=True,
+        out=str(tmp_path_factory.mktemp("study")), cache_dir=str(tiny_toy_cache), tiny=True,
         steps=4, seeds=1, eval_samples=16, progress=False, sections=("recovery", "subspace"),
     )  # fmt: skip
     ctx = StudyContext(cfg)
@@ -82,6 +82,9 @@ def test_recovery_rows(sections):
         counts = {rows[f"{k}{recovery.pct(d)}"]["trainable"] for k in ("top", "random", "lowmag") if
                   f"{k}{recovery.pct(d)}" in rows}  # fmt: skip
         assert counts == {round(d * meta["block_params"])}
+    lines = rec.markdown.splitlines()
+    start = lines.index("**Verdicts** (≈ when the means differ by at most max(2 points, 2 std)):")
+    assert lines[start + 1 : start + 1 + 8] == recovery.verdicts(rec.data["rows"])  # 4 densities + 4 comparisons
 
 
 def test_lora_rank_rule(sections):
@@ -128,7 +131,10 @@ def test_subspace_rows(sections):
         assert 0.0 < sub.data[method]["sim_random"] <= 1.0
     # the OPD prefix replays the shared full run exactly up to its 20 % snapshot
     assert all(d is not None and d < 1e-6 for d in sub.data["opd"]["snapshot_diff"])
-    assert "Scale caveat" in sub.markdown and "Verdict" in sub.markdown
+    assert "Scale caveat" in sub.markdown
+    verdict = subspace.channel_verdict(sub.data["opd"]["rows"], sub.data["sft"]["rows"],
+                                       subspace.effective_rank(ctx, subspace.RANKS[0]))  # fmt: skip
+    assert [ln for ln in sub.markdown.splitlines() if "**Verdict**" in ln] == [verdict]
 
 
 def test_second_run_is_cached(sections):

@@ -6,6 +6,26 @@ channel), ``controls`` (token sparsification, off-policy, α-mix), ``predictors`
 ``savings`` (time, memory, optimizer and file bytes).
 """
 
-from .core import SECTIONS, Section, StudyConfig, StudyContext, mean_std, run_study, write_atomic
+from .core import (
+    SECTIONS,
+    RenderInfo,
+    Section,
+    StudyConfig,
+    StudyContext,
+    mean_std,
+    render_study,
+    run_study,
+    write_atomic,
+)
 
-__all__ = ["SECTIONS", "Section", "StudyConfig", "StudyContext", "mean_std", "run_study", "write_atomic"]
+__all__ = [
+    "SECTIONS",
+    "RenderInfo",
+    "Section",
+    "StudyConfig",
+    "StudyContext",
+    "mean_std",
+    "render_study",
+    "run_study",
+    "write_atomic",
+]

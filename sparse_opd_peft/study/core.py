@@ -5,6 +5,10 @@ Every section is a module in this package with ``run(ctx: StudyContext) -> Secti
 for runs (``ctx.opd(...)``, ``ctx.cached(...)``); a finished run is a JSON file in ``<out>/runs/`` (plus its
 artefacts in ``<out>/artifacts/<name>/``) and is skipped on a re-run, so the study is resumable: kill it, start it
 again with the same ``--out``, and only unfinished runs execute.
+
+A section's markdown is ``render(info, data, plots)`` of the data it stores (:class:`RenderInfo` carries the settings,
+the world's facts and the run store), so ``study.md`` is a function of ``study.json`` alone: :func:`render_study`
+regenerates it, and the verdicts in it can be checked against the numbers they come from.
 """
 
 from __future__ import annotations
@@ -101,11 +105,126 @@ def write_atomic(path: Path, text: str) -> None:
     write_text_atomic(path, text)
 
 
+def json_roundtrip(obj: Any) -> Any:
+    """``obj`` as ``study.json`` stores it (tuples become lists, keys strings, tensors / numpy scalars floats): a
+    section renders its markdown from this, so that ``study.md`` is a function of ``study.json``."""
+    return json.loads(json.dumps(obj, default=float))
+
+
+def base_run_config(config: StudyConfig) -> Any:
+    """The :class:`~sparse_opd_peft.toy.ToyRunConfig` every run of the study starts from (the matched budget)."""
+    from ..toy import ToyRunConfig
+
+    return ToyRunConfig(
+        task=config.task, lr=config.lr, steps=config.steps, batch_size=config.batch_size,
+        progress=config.progress, eval_samples=min(500, config.eval_samples),
+    )  # fmt: skip
+
+
+@dataclass
+class RenderInfo:
+    """What a section's markdown needs besides its own data; built from a live study (:meth:`from_context`) or from
+    a written ``study.json`` (:meth:`from_summary`), so that ``study.md`` can be regenerated from ``study.json``.
+
+    Attributes:
+        config: the study's settings.
+        accuracies: the world's held-out accuracies at build, ``{"teacher" | "student": {task: share}}``.
+        block_linears: ``{module: (out, in)}`` of the student's block Linear layers.
+        answer_widths: ``{task: characters of every answer}`` (a completion is the answer plus EOS).
+        runs: the run store, ``{run name: its JSON}`` (per-step histories may have been dropped).
+    """
+
+    config: StudyConfig
+    accuracies: dict[str, dict[str, float]]
+    block_linears: dict[str, tuple[int, int]]
+    answer_widths: dict[str, int]
+    runs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def base(self) -> Any:
+        """:func:`base_run_config` of :attr:`config`."""
+        return base_run_config(self.config)
+
+    @property
+    def anchor(self) -> float:
+        """The student anchor's accuracy on the study's task at build."""
+        return self.accuracies["student"][self.config.task]
+
+    def compute_seconds(self, prefix: str) -> tuple[int, float]:
+        """(number of cached runs named ``prefix*``, their summed wall-clock seconds as first measured)."""
+        walls = [r.get("wall_seconds", 0.0) for name, r in self.runs.items() if name.startswith(prefix)]
+        return len(walls), float(sum(walls))
+
+    def world_facts(self) -> dict[str, Any]:
+        """The world's facts that ``study.json`` records for :meth:`from_summary`."""
+        return {"block_linears": {n: list(s) for n, s in self.block_linears.items()},
+                "answer_widths": dict(self.answer_widths)}  # fmt: skip
+
+    @classmethod
+    def from_context(cls, ctx: StudyContext) -> RenderInfo:
+        """The live study's settings, world and run store (as they are now)."""
+        from ..diagnostics.sources import is_block_linear
+
+        student = ctx.world.load_student()
+        shapes = {n[: -len(".weight")]: (int(p.shape[0]), int(p.shape[1])) for n, p in student.named_parameters()
+                  if is_block_linear(n, p.shape)}  # fmt: skip
+        runs = {p.stem: json.loads(p.read_text()) for p in sorted(ctx.runs_dir.glob("*.json"))}
+        widths = {name: task.answer_width for name, task in ctx.world.tasks.items()}
+        return cls(ctx.config, ctx.world.accuracies, shapes, widths, runs)
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> RenderInfo:
+        """From a ``study.json`` dict (as :func:`run_study` writes it)."""
+        world = summary["world"]
+        if "block_linears" not in world:
+            raise ValueError("this study.json predates the world facts (block_linears, answer_widths) that its "
+                             "markdown needs; run `sparse-opd study` again")  # fmt: skip
+        config = StudyConfig(**{**summary["config"], "sections": tuple(summary["config"]["sections"])})
+        shapes = {n: (int(o), int(i)) for n, (o, i) in world["block_linears"].items()}
+        return cls(config, world["accuracies_at_build"], shapes, dict(world["answer_widths"]), summary["runs"])
+
+
+def render_header(info: RenderInfo) -> list[str]:
+    """The lines of ``study.md`` before the first section: how it was generated, the world, the cost."""
+    config = info.config
+    header = [
+        "# Study: the papers' findings on the toy world",
+        "",
+        f"Generated by `sparse-opd study --out {config.out} --seeds {config.seeds}` "
+        f"(task `{config.task}`, {config.steps} steps × {config.batch_size} prompts, lr {config.lr:g}, "
+        f"{config.eval_samples} held-out prompts; anchor {100 * info.accuracies['student'][config.task]:.1f} %, "
+        f"teacher {100 * info.accuracies['teacher'][config.task]:.1f} % at build). Mean ± std over seeds.",
+        "",
+    ]
+    runs = [info.runs[k] for k in sorted(info.runs)]
+    trained = [r for r in runs if isinstance(r, dict) and "train_seconds" in r]
+    steps = sum(int((r.get("config") or {}).get("steps", config.steps)) for r in trained)
+    recorded = sum(float(r.get("wall_seconds", 0.0)) for r in runs if isinstance(r, dict))
+    header += [
+        f"Cost: {len(trained)} training runs, {steps:,} optimizer steps; recorded wall-clock of all cached entries "
+        f"{recorded / 60:.0f} min (as first measured, whatever else ran on the machine then).",
+        "",
+    ]
+    return header
+
+
+def render_study(summary: dict[str, Any]) -> str:
+    """``study.md`` from a ``study.json`` dict: the header, then each section's ``render(info, data, plots)``."""
+    import importlib
+
+    info = RenderInfo.from_summary(summary)
+    body = []
+    for name, sec in summary["sections"].items():
+        markdown = importlib.import_module(f"{__package__}.{name}").render(info, sec["data"], sec["plots"])
+        body.append(f"## {sec['title']}\n\n{markdown.strip()}\n")
+    return "\n".join(render_header(info) + body)
+
+
 class StudyContext:
     """Shared state of one study: config, toy world, run store, and helpers to train / evaluate on it."""
 
     def __init__(self, config: StudyConfig):
-        from ..toy import ToyRecipe, ToyRunConfig, build_world
+        from ..toy import ToyRecipe, build_world
 
         self.config = config
         self.out = Path(config.out)
@@ -118,10 +237,7 @@ class StudyContext:
         if config.task not in self.world.tasks:
             raise ValueError(f"task {config.task!r} is not in the toy world (has {sorted(self.world.tasks)})")
         self.seeds = list(range(config.seeds))
-        self.base = ToyRunConfig(
-            task=config.task, lr=config.lr, steps=config.steps, batch_size=config.batch_size,
-            progress=config.progress, eval_samples=min(500, config.eval_samples),
-        )  # fmt: skip
+        self.base = base_run_config(config)
 
     # ------------------------------------------------------------------ run store
     def artifact_dir(self, name: str) -> Path:
@@ -234,33 +350,16 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
         module = importlib.import_module(f"{__package__}.{name}")
         sections.append(module.run(ctx))
     world = ctx.world
-    header = [
-        "# Study: the papers' findings on the toy world",
-        "",
-        f"Generated by `sparse-opd study --out {config.out} --seeds {config.seeds}` "
-        f"(task `{config.task}`, {config.steps} steps × {config.batch_size} prompts, lr {config.lr:g}, "
-        f"{config.eval_samples} held-out prompts; anchor {100 * world.accuracies['student'][config.task]:.1f} %, "
-        f"teacher {100 * world.accuracies['teacher'][config.task]:.1f} % at build). Mean ± std over seeds.",
-        "",
-    ]
-    runs = [json.loads(p.read_text()) for p in sorted(ctx.runs_dir.glob("*.json"))]
-    trained = [r for r in runs if isinstance(r, dict) and "train_seconds" in r]
-    steps = sum(int((r.get("config") or {}).get("steps", config.steps)) for r in trained)
-    recorded = sum(float(r.get("wall_seconds", 0.0)) for r in runs if isinstance(r, dict))
-    header += [
-        f"Cost: {len(trained)} training runs, {steps:,} optimizer steps; recorded wall-clock of all cached entries "
-        f"{recorded / 60:.0f} min (as first measured, whatever else ran on the machine then).",
-        "",
-    ]
-    body = [f"## {s.title}\n\n{s.markdown.strip()}\n" for s in sections]
-    write_atomic(ctx.out / "study.md", "\n".join(header + body))
     summary = {
         "config": asdict(config),
-        "world": {"key": world.key, "accuracies_at_build": world.accuracies},
+        "world": {"key": world.key, "accuracies_at_build": world.accuracies,
+                  **RenderInfo.from_context(ctx).world_facts()},
         "runs": {p.stem: json.loads(p.read_text()) for p in sorted(ctx.runs_dir.glob("*.json"))},
         "sections": {s.name: {"title": s.title, "data": s.data, "plots": s.plots} for s in sections},
         "wall_seconds": round(time.perf_counter() - t0, 1),
-    }
+    }  # fmt: skip
+    summary = json_roundtrip(summary)
+    write_atomic(ctx.out / "study.md", render_study(summary))  # a function of study.json alone
     write_atomic(ctx.out / "study.json", json.dumps(summary, indent=1, default=float))
     return summary
 

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .core import Section, StudyContext, mean_std
+from .core import RenderInfo, Section, StudyContext, json_roundtrip, mean_std
 
 METHODS = ("SFT", "OPD", "RLVR")
 COLUMNS = (*METHODS, "RLVR*")  # RLVR* = RLVR at RLVR_LR
@@ -288,16 +288,122 @@ def _collect(ctx: StudyContext) -> tuple[dict[str, list[dict[str, Any]]], dict[s
     return per, trajs, low
 
 
+def ordered(values: dict[str, float], order: tuple[str, ...] = METHODS) -> bool:
+    """Whether ``values`` increase along ``order`` by more than :data:`TOL` at every step (the paper's "SFT < OPD <
+    RLVR" in bf16 sparsity and in low-magnitude overlap)."""
+    return _increasing(*(values[m] for m in order), tol=TOL)
+
+
+def ffn_heavy(ffn_share: float) -> bool:
+    """The claim "OPD is FFN-heavy": more than half of the update energy in FFN modules."""
+    return _increasing(0.5, ffn_share)
+
+
+def low_magnitude_lean(overlap: float) -> bool:
+    """The claim "over-represented on low-magnitude weights": overlap above the 50 % random baseline + MARGIN."""
+    return _increasing(0.5 + MARGIN, overlap)
+
+
+def locks_early(sim: dict[str, float], rl: str = "RLVR") -> bool:
+    """The claim "OPD locks early": OPD's Sim_K at ≈ 20 % of the run more than 0.02 above both SFT's and ``rl``'s."""
+    return _increasing(sim["SFT"], sim["OPD"], tol=0.02) and _increasing(sim[rl], sim["OPD"], tol=0.02)
+
+
+def rank_trends_as_paper(trend: dict[str, str], rl: str = "RLVR") -> bool:
+    """The claim "SFT expands, OPD stays in a band, RLVR contracts" from :func:`_trend` strings."""
+    return (trend["SFT"].startswith("expands") and trend["OPD"].startswith("band")
+            and trend[rl].startswith("contracts"))  # fmt: skip
+
+
+def rotation_ordered(rot: dict[str, dict[str, float]], rl: str = "RLVR") -> bool:
+    """The claim "rotation and spectral drift SFT > OPD > ``rl``": every metric of ``rot`` (principal angle, NSS)
+    increases along ``rl``, OPD, SFT by more than :data:`RTOL` relative."""
+    return all(_increasing(rot[k][rl], rot[k]["OPD"], rot[k]["SFT"], rtol=RTOL) for k in rot)
+
+
+def claims(
+    means: dict[str, dict[str, float]], low: dict[str, dict[str, Any]], anchor: float, lr: float, n_seeds: int
+) -> list[str]:
+    """The section's claim lines, each with its verdict, from the per-method means (``nan`` = missing), the low-lr
+    rows (``{method: {"acc", "bf16_sparsity", "low_magnitude_overlap"}}``) and the anchor's accuracy."""
+    nan = lambda d, k: {m: math.nan if d[m].get(k) is None else d[m][k] for m in d}  # noqa: E731
+    sp, lm, sim, sr0, sr1 = (means[k] for k in ("bf16_sparsity", "low_magnitude_overlap", "sim_early",
+                                                 "stable_rank_first", "stable_rank"))  # fmt: skip
+    low_sp, low_lm = nan(low, "bf16_sparsity"), nan(low, "low_magnitude_overlap")
+    ffn, ffn_param = means["ffn_energy_share"]["OPD"], means["ffn_param_share"]["OPD"]
+    changed = f"{100 * (1 - max(sp.values())):.0f}–{100 * (1 - min(sp.values())):.0f}"
+    trend = {m: _trend(sr1[m] / sr0[m] if sr0[m] else math.nan) for m in COLUMNS}
+    collapsed = [m for m in ("RLVR", "RLVR*") if means["late_reward"][m] < 0.01]
+    low_acc = " / ".join(f"{m} {100 * low[m]['acc']:.1f}" for m in METHODS)
+    learnt = max(abs(low[m]["acc"] - anchor) for m in METHODS) >= 0.05
+    rot = {k: {m: means[k][m] for m in COLUMNS} for k in ("principal_angle_deg", "nss")}
+    sim_rand = means["sim_random"]["OPD"]
+    out = [
+        f"- *SFT < OPD < RLVR in bf16 sparsity* (steps > {100 * TOL:.0f} point): at lr {lr:g} "
+        f"{_verdict(ordered(sp))} ({_pcts(sp)} %, {n_seeds} seed(s)); with RLVR* in RLVR's place "
+        f"{_verdict(ordered(sp, ('SFT', 'OPD', 'RLVR*')))}. Every run changes {changed} % of the bf16 "
+        "entries, as measured before the project (at lr ≥ 3e-5 a toy run's visible mask is nearly dense); RLVR*'s "
+        f"higher sparsity comes with its 10× smaller lr. All three at lr {LOW_LR:g} (seed 0): "
+        f"{_verdict(ordered(low_sp))} ({_pcts(low_sp)} %; held-out accuracy {low_acc} % vs anchor "
+        f"{100 * anchor:.1f} %"
+        + ("" if learnt else ": nothing is learnt at this lr in this budget, so this is the geometry of small "
+           "updates, not of a trained model") + ").",
+        f"- *OPD is FFN-heavy* (65–86 % of the update energy): {_verdict(ffn_heavy(ffn))} — {100 * ffn:.1f} % "
+        f"of OPD's Σ‖ΔW‖²_F is in FFN modules, which hold {100 * ffn_param:.0f} % of the analysed weights (ratio "
+        f"{ffn / ffn_param:.2f}: the energy follows the parameter count; SFT {100 * means['ffn_energy_share']['SFT']:.1f} %).",
+        f"- *OPD over-represented on low-magnitude weights* (overlap above {100 * (0.5 + MARGIN):.0f} %, paper 53.6 %; "
+        f"ordering SFT < OPD < RLVR): at lr {lr:g} {_verdict(low_magnitude_lean(lm['OPD']))} ({_pcts(lm)} %; "
+        f"a nearly dense mask overlaps any half-mask at ≈ 50 %); at lr {LOW_LR:g} "
+        f"{_verdict(low_magnitude_lean(low_lm['OPD']))} ({_pcts(low_lm)} %, ordering "
+        f"{_verdict(ordered(low_lm), 'holds', 'fails')}). bf16 rounding alone favours small weights (the ULP "
+        "grows with |w|), so every sparse mask leans low-magnitude; the ordering is what separates methods.",
+        f"- *OPD locks early into its final rank-{SIM_K} channel* (Sim_{SIM_K} at ≈ 20 % of the run more than 0.02 "
+        f"above SFT's and RLVR's): {_verdict(locks_early(sim))}"
+        f" — {_pcts(sim, 1, 2)} (random {sim_rand:.2f}); with RLVR*: {_verdict(locks_early(sim, 'RLVR*'))}.",
+        f"- *Stable rank: SFT expands, OPD stays in a band, RLVR contracts* (end / first snapshot, band = ±"
+        f"{100 * BAND:.0f} %): " + _verdict(rank_trends_as_paper(trend))
+        + " — " + ", ".join(f"{m} {trend[m]}" for m in COLUMNS) + ".",
+        f"- *Rotation and spectral drift SFT > OPD > RLVR* (principal angle and NSS, steps > {100 * RTOL:.0f} %): "
+        + _verdict(rotation_ordered(rot)) + "; with RLVR*: " + _verdict(rotation_ordered(rot, "RLVR*"))
+        + f" — angle {_pcts(rot['principal_angle_deg'], 1, 2)} °; NSS {_pcts(rot['nss'], 1e3, 2)} × 1e-3.",
+    ]  # fmt: skip
+    if collapsed:
+        out.append(f"- {' and '.join(collapsed)} collapsed: training reward ≈ 0 over the last 10 % of steps (once "
+                   "every GRPO group is all wrong there is no signal left); the geometry in "
+                   f"{'that column' if len(collapsed) == 1 else 'those columns'} is that of a collapsed policy, "
+                   "not of a plateau.")  # fmt: skip
+    return out
+
+
 def run(ctx: StudyContext) -> Section:
     """Train SFT / OPD / RLVR / RLVR* per seed (plus one low-lr point), diagnose them and write the section."""
-    steps, lr, n = ctx.config.steps, ctx.config.lr, len(ctx.seeds)
+    n = len(ctx.seeds)
     per, trajs, low = _collect(ctx)
-    anchor = ctx.world.accuracies["student"][ctx.config.task]
+    means = {k: {m: _mean([r[k] for r in per[m]]) for m in COLUMNS} for k in per["OPD"][0] if k not in ("run", "seed")}
+    ctx.plots.mkdir(parents=True, exist_ok=True)
+    plot = ctx.plots / "geometry_trajectories.png"
+    plot_trajectories(plot, trajs, ("stable_rank", "fro_norm", "sim_k"),
+                      f"Cumulative update ΔW_t per method (mean over {n} seed(s), band = min–max)", COLORS,
+                      means["sim_random"]["OPD"])  # fmt: skip
+    data = {"methods": per, "means": means, "low_lr": {"lr": LOW_LR, **low}, "trajectories": trajs,
+            "budget": {"steps": ctx.config.steps, "lr": ctx.config.lr, "sequences_per_step": ctx.config.batch_size,
+                       **rlvr_changes(ctx), "rlvr_star_lr": RLVR_LR}}  # fmt: skip
+    data, plots = json_roundtrip(clean(data)), [str(plot.relative_to(ctx.out))]
+    title = "Where OPD sits: SFT vs OPD vs RLVR"
+    return Section("geometry", title, render(RenderInfo.from_context(ctx), data, plots), data, plots)
+
+
+def render(info: RenderInfo, data: dict[str, Any], plots: list[str]) -> str:
+    """The section's markdown from its data (as stored in ``study.json``)."""
+    steps, lr, n = info.config.steps, info.config.lr, info.config.seeds
+    per, trajs = data["methods"], data["trajectories"]
+    low = {m: data["low_lr"][m] for m in METHODS}
+    anchor = info.anchor
 
     def col(m: str, key: str) -> list[Any]:
         return [r[key] for r in per[m]]
 
-    means = {k: {m: _mean(col(m, k)) for m in COLUMNS} for k in per["OPD"][0] if k not in ("run", "seed")}
+    means = {k: {m: math.nan if v is None else v for m, v in d.items()} for k, d in data["means"].items()}
     pct = lambda key: [mean_std(col(m, key), 100) for m in COLUMNS]  # noqa: E731
     num = lambda key, d=2: [mean_std(col(m, key), 1, d) for m in COLUMNS]  # noqa: E731
     sim_rand = means["sim_random"]["OPD"]
@@ -333,73 +439,15 @@ def run(ctx: StudyContext) -> Section:
         f"| {label} | " + " | ".join(mean_std([low[m][k]], 100) for m in METHODS) + " |" for k, label in low_keys
     ]
     low_table.append("| NSS | " + " | ".join(_fmt_sci([low[m]["nss"]]) for m in METHODS) + " |")
-
-    nan = lambda d, k: {m: math.nan if d[m].get(k) is None else d[m][k] for m in d}  # noqa: E731
-    sp, lm, sim, sr0, sr1 = (means[k] for k in ("bf16_sparsity", "low_magnitude_overlap", "sim_early",
-                                                 "stable_rank_first", "stable_rank"))  # fmt: skip
-    low_sp, low_lm = nan(low, "bf16_sparsity"), nan(low, "low_magnitude_overlap")
-    ffn, ffn_param = means["ffn_energy_share"]["OPD"], means["ffn_param_share"]["OPD"]
-    inc = lambda d, *ms, **kw: _increasing(*(d[m] for m in ms), **{"tol": TOL, **kw})  # noqa: E731
-    changed = f"{100 * (1 - max(sp.values())):.0f}–{100 * (1 - min(sp.values())):.0f}"
-    trend = {m: _trend(sr1[m] / sr0[m] if sr0[m] else math.nan) for m in COLUMNS}
-    collapsed = [m for m in ("RLVR", "RLVR*") if means["late_reward"][m] < 0.01]
-    low_acc = " / ".join(f"{m} {100 * low[m]['acc']:.1f}" for m in METHODS)
-    learnt = max(abs(low[m]["acc"] - anchor) for m in METHODS) >= 0.05
-    rot = {k: {m: means[k][m] for m in COLUMNS} for k in ("principal_angle_deg", "nss")}
-    claims = [
-        f"- *SFT < OPD < RLVR in bf16 sparsity* (steps > {100 * TOL:.0f} point): at lr {lr:g} "
-        f"{_verdict(inc(sp, *METHODS))} ({_pcts(sp)} %, {n} seed(s)); with RLVR* in RLVR's place "
-        f"{_verdict(inc(sp, 'SFT', 'OPD', 'RLVR*'))}. Every run changes {changed} % of the bf16 entries, as measured "
-        "before the project (at lr ≥ 3e-5 a toy run's visible mask is nearly dense); RLVR*'s higher sparsity comes "
-        f"with its 10× smaller lr. All three at lr {LOW_LR:g} (seed 0): {_verdict(inc(low_sp, *METHODS))} "
-        f"({_pcts(low_sp)} %; held-out accuracy {low_acc} % vs anchor {100 * anchor:.1f} %"
-        + ("" if learnt else ": nothing is learnt at this lr in this budget, so this is the geometry of small "
-           "updates, not of a trained model") + ").",
-        f"- *OPD is FFN-heavy* (65–86 % of the update energy): {_verdict(_increasing(0.5, ffn))} — {100 * ffn:.1f} % "
-        f"of OPD's Σ‖ΔW‖²_F is in FFN modules, which hold {100 * ffn_param:.0f} % of the analysed weights (ratio "
-        f"{ffn / ffn_param:.2f}: the energy follows the parameter count; SFT {100 * means['ffn_energy_share']['SFT']:.1f} %).",
-        f"- *OPD over-represented on low-magnitude weights* (overlap above {100 * (0.5 + MARGIN):.0f} %, paper 53.6 %; "
-        f"ordering SFT < OPD < RLVR): at lr {lr:g} {_verdict(_increasing(0.5 + MARGIN, lm['OPD']))} ({_pcts(lm)} %; "
-        f"a nearly dense mask overlaps any half-mask at ≈ 50 %); at lr {LOW_LR:g} "
-        f"{_verdict(_increasing(0.5 + MARGIN, low_lm['OPD']))} ({_pcts(low_lm)} %, ordering "
-        f"{_verdict(inc(low_lm, *METHODS), 'holds', 'fails')}). bf16 rounding alone favours small weights (the ULP "
-        "grows with |w|), so every sparse mask leans low-magnitude; the ordering is what separates methods.",
-        f"- *OPD locks early into its final rank-{SIM_K} channel* (Sim_{SIM_K} at ≈ 20 % of the run more than 0.02 "
-        f"above SFT's and RLVR's): {_verdict(inc(sim, 'SFT', 'OPD', tol=0.02) and inc(sim, 'RLVR', 'OPD', tol=0.02))}"
-        f" — {_pcts(sim, 1, 2)} (random {sim_rand:.2f}); with RLVR*: "
-        f"{_verdict(inc(sim, 'SFT', 'OPD', tol=0.02) and inc(sim, 'RLVR*', 'OPD', tol=0.02))}.",
-        f"- *Stable rank: SFT expands, OPD stays in a band, RLVR contracts* (end / first snapshot, band = ±"
-        f"{100 * BAND:.0f} %): " + _verdict(trend["SFT"].startswith("expands") and trend["OPD"].startswith("band")
-                                            and trend["RLVR"].startswith("contracts"))
-        + " — " + ", ".join(f"{m} {trend[m]}" for m in COLUMNS) + ".",
-        f"- *Rotation and spectral drift SFT > OPD > RLVR* (principal angle and NSS, steps > {100 * RTOL:.0f} %): "
-        + _verdict(all(inc(rot[k], 'RLVR', 'OPD', 'SFT', tol=0, rtol=RTOL) for k in rot)) + "; with RLVR*: "
-        + _verdict(all(inc(rot[k], 'RLVR*', 'OPD', 'SFT', tol=0, rtol=RTOL) for k in rot))
-        + f" — angle {_pcts(rot['principal_angle_deg'], 1, 2)} °; NSS {_pcts(rot['nss'], 1e3, 2)} × 1e-3.",
-    ]  # fmt: skip
-    if collapsed:
-        claims.append(f"- {' and '.join(collapsed)} collapsed: training reward ≈ 0 over the last 10 % of steps (once "
-                      "every GRPO group is all wrong there is no signal left); the geometry in "
-                      f"{'that column' if len(collapsed) == 1 else 'those columns'} is that of a collapsed policy, "
-                      "not of a plateau.")  # fmt: skip
-    ctx.plots.mkdir(parents=True, exist_ok=True)
-    plot = ctx.plots / "geometry_trajectories.png"
-    plot_trajectories(plot, trajs, ("stable_rank", "fro_norm", "sim_k"),
-                      f"Cumulative update ΔW_t per method (mean over {n} seed(s), band = min–max)", COLORS, sim_rand)  # fmt: skip
-    budget = (f"Matched budget: {steps} steps, lr {lr:g} (10 warm-up steps, linear decay), {ctx.config.batch_size} "
-              f"sequences per step for every method: SFT and OPD {ctx.config.batch_size} prompts × 1, RLVR (GRPO, "
-              f"std-normalised group advantages) {rlvr_changes(ctx)['batch_size']} prompts × {RLVR_GENERATIONS} "
+    budget = (f"Matched budget: {steps} steps, lr {lr:g} (10 warm-up steps, linear decay), {info.config.batch_size} "
+              f"sequences per step for every method: SFT and OPD {info.config.batch_size} prompts × 1, RLVR (GRPO, "
+              f"std-normalised group advantages) {data['budget']['batch_size']} prompts × {RLVR_GENERATIONS} "
               "rollouts; same anchor, same prompt stream. OPD is the shared full-OPD run (exact reverse KL); SFT "
               f"trains on the reference answers. RLVR* is RLVR at lr {RLVR_LR:g}, where GRPO "
               "learns on this world, same budget otherwise. Diagnostics on the block Linear weights (W0 = anchor): "
               f"principal angles over the top {TOP_K} singular vectors and the principal mask from a "
               f"rank-{PRINCIPAL_RANK} reconstruction (scaled down from the paper's 512 / 64 for 64-wide matrices); "
               f"trajectories from {len(trajs['OPD'][0])} snapshots. Sim_{SIM_K}'s random level is K / in_features.")  # fmt: skip
-    markdown = "\n".join([budget, "", *table, "", f"One low-lr point (lr {LOW_LR:g}, seed 0, same budget otherwise):",
-                          "", *low_table, "", "Paper claims on the toy world:", "", *claims, "",
-                          f"![trajectories](plots/{plot.name})", ""])  # fmt: skip
-    data = {"methods": per, "means": means, "low_lr": {"lr": LOW_LR, **low}, "trajectories": trajs,
-            "budget": {"steps": steps, "lr": lr, "sequences_per_step": ctx.config.batch_size, **rlvr_changes(ctx),
-                       "rlvr_star_lr": RLVR_LR}}  # fmt: skip
-    title = "Where OPD sits: SFT vs OPD vs RLVR"
-    return Section("geometry", title, markdown, clean(data), [str(plot.relative_to(ctx.out))])
+    return "\n".join([budget, "", *table, "", f"One low-lr point (lr {LOW_LR:g}, seed 0, same budget otherwise):",
+                      "", *low_table, "", "Paper claims on the toy world:", "", *claims(means, low, anchor, lr, n), "",
+                      f"![trajectories](plots/{Path(plots[0]).name})", ""])  # fmt: skip

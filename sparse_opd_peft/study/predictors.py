@@ -21,7 +21,7 @@ from __future__ import annotations
 import statistics as st
 from typing import Any
 
-from .core import Section, StudyContext, mean_std
+from .core import RenderInfo, Section, StudyContext, json_roundtrip, mean_std
 
 DENSITY, DENSITY_HI = 0.20, 0.45
 EARLY = (0.05, 0.10, 0.20)  # shares of the run
@@ -230,15 +230,28 @@ def _table(rows: dict[str, dict], steps: int) -> list[str]:
     return lines
 
 
+def outcome(rows: dict[str, dict]) -> tuple[str, list[str]]:
+    """The verdict on "a predictor recovers full-mask quality" from the retrained rows: ``("no_separation", [])``
+    when the final mask is not 2 points better than the random one, else ``("recovers", keys)`` with the retrained
+    predictors within 2 points of the final mask, or ``("none", [])`` when there is none."""
+    final, rand = _mean(rows["final"]["acc"]), _mean(rows["random"]["acc"])
+    if final - rand < 0.02:
+        return "no_separation", []
+    good = [k for k, r in rows.items() if r["acc"] and r["kind"] not in ("oracle", "control")
+            and _mean(r["acc"]) >= final - 0.02]  # fmt: skip
+    return ("recovers", good) if good else ("none", [])
+
+
 def _verdict(rows: dict[str, dict], full_acc: float) -> list[str]:
     final, rand = _mean(rows["final"]["acc"]), _mean(rows["random"]["acc"])
     out = []
     tested = [(k, r) for k, r in rows.items() if r["acc"] and r["kind"] not in ("oracle", "control")]
-    good = [(k, r) for k, r in tested if _mean(r["acc"]) >= final - 0.02]
+    kind, good_keys = outcome(rows)
+    good = [(k, rows[k]) for k in good_keys]
     best_k, best = max(tested, key=lambda kr: _mean(kr[1]["acc"]))
     out.append(f"Full OPD reaches {100 * full_acc:.1f} %; retraining on the final mask {100 * final:.1f} %, on a "
                f"random mask of the same per-module density {100 * rand:.1f} %.")  # fmt: skip
-    if final - rand < 0.02:
+    if kind == "no_separation":
         out.append("The final mask itself is not 2 points better than random here, so \"recovering full-mask quality\" "
                    "does not separate the predictors at this setting.")  # fmt: skip
     elif good:
@@ -358,25 +371,38 @@ def run(ctx: StudyContext) -> Section:
     lock = _lock_in(ctx, ctx.seeds[0])
     full_acc = st.mean(ctx.full_opd(s)[0]["acc"] for s in ctx.seeds)
     probe = [early_probe(ctx, s)["snapshot_match_max_abs"] for s in ctx.seeds]
-    steps = ctx.config.steps
+    plot = _plot(ctx, rows, full_acc)
+    data = {"density": DENSITY, "rows": rows, "density_hi": DENSITY_HI, "rows_hi": rows_hi,
+            "full_acc": full_acc, "probe_snapshot_match_max_abs": probe, "bf16_visible_density": visible,
+            "lock_in_precision": lock}  # fmt: skip
+    data = json_roundtrip(data)
+    markdown = render(RenderInfo.from_context(ctx), data, [plot])
+    return Section("predictors", "Beyond the papers: the mask before the full run", markdown, data, [plot])
+
+
+def render(info: RenderInfo, data: dict[str, Any], plots: list[str]) -> str:
+    """The section's markdown from its data (as stored in ``study.json``; seed 0's full OPD accuracy from the run
+    store)."""
+    steps, rows, rows_hi = info.config.steps, data["rows"], data["rows_hi"]
+    lock, visible, probe = data["lock_in_precision"], data["bf16_visible_density"], data["probe_snapshot_match_max_abs"]
     md = [
         f"Predictors of the full OPD run's top-{100 * DENSITY:.0f} % |ΔW| mask (global top-k over block Linears), "
         f"each a `SparseMask` from `sparse_opd_peft.mask_predictors` at the same density. Precision / recall / IoU "
         "against the final mask with, in brackets, the expectation for a uniform random mask with the predictor's "
         f"per-module counts; retraining = `SparseOPDConfig(mask=...)` from the anchor, {steps} OPD steps "
-        f"(mean ± std over {len(ctx.seeds)} seed(s); secondary rows on seed 0 only — see the seeds column). Cost = "
+        f"(mean ± std over {info.config.seeds} seed(s); secondary rows on seed 0 only — see the seeds column). Cost = "
         "steps and wall-clock spent to obtain the mask (full run for the final mask; a probe run of the first steps; "
         "gradient batches at W0 with no update); wall-clock depends on the load of the shared machine, steps do not.",
         "",
         *_table(rows, steps),
         "",
-        *_verdict(rows, full_acc),
+        *_verdict(rows, data["full_acc"]),
         "",
         f"At {100 * DENSITY_HI:.0f} % density (seed 0):",
         "",
         *_table(rows_hi, steps),
         "",
-        *_verdict(rows_hi, ctx.full_opd(ctx.seeds[0])[0]["acc"]),
+        *_verdict(rows_hi, info.runs["opd_full_s0"]["acc"]),
         "",
         "How early the mask locks in: precision of the full run's own snapshot top-k against its final mask (seed "
         "0, random ≈ density): " + ", ".join(f"{k} {100 * v:.0f} %" for k, v in lock.items()) + ".",
@@ -389,10 +415,6 @@ def run(ctx: StudyContext) -> Section:
         'The paper\'s claim ("a second-pass optimization, not a first-pass shortcut") is tested here at toy scale '
         "only: the final mask is a magnitude (top-k |ΔW|) mask because a fast toy run's bf16-visible mask is ~dense.",
         "",
+        f"![predictors]({plots[0]})",
     ]
-    plot = _plot(ctx, rows, full_acc)
-    md.append(f"![predictors]({plot})")
-    data = {"density": DENSITY, "rows": rows, "density_hi": DENSITY_HI, "rows_hi": rows_hi,
-            "full_acc": full_acc, "probe_snapshot_match_max_abs": probe, "bf16_visible_density": visible,
-            "lock_in_precision": lock}  # fmt: skip
-    return Section("predictors", "Beyond the papers: the mask before the full run", "\n".join(md), data, [plot])
+    return "\n".join(md)

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from .core import Section, StudyContext, mean_std
+from .core import RenderInfo, Section, StudyContext, json_roundtrip, mean_std
 
 DENSITIES = (0.05, 0.10, 0.20, 0.45)
 PRIMARY_DENSITIES = (0.20, 0.45)  # top-k and random rows at config.seeds; the other densities at SECONDARY_SEEDS
@@ -243,20 +243,27 @@ def table_md(rows: list[dict[str, Any]], n_final: int) -> list[str]:
     return head
 
 
+def word_of(diff: float, tol: float) -> str:
+    """The study's comparison word for a difference: "≈" when ``|diff| <= tol``, else ">" or "<"."""
+    return "≈" if abs(diff) <= tol else (">" if diff > 0 else "<")
+
+
+def compare(a: Sequence[float], b: Sequence[float]) -> tuple[str, float, float]:
+    """``(word, Δ, tol)`` of two accuracy lists (shares) in points: word "≈" when the means differ by at most
+    tol = max(2 points, 2 × the larger std), else ">" or "<"."""
+    sd = lambda x: 100 * statistics.stdev(x) if len(x) > 1 else 0.0  # noqa: E731
+    diff, tol = 100 * statistics.mean(a) - 100 * statistics.mean(b), max(2.0, 2 * max(sd(a), sd(b)))
+    return word_of(diff, tol), diff, tol
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     """Plain statements: masked ≈ full? random ≈ masked? (differences beyond 2 std of the pair count)."""
     by = {r["key"]: r for r in rows}
 
-    def m(key: str) -> float:
-        return 100 * statistics.mean(by[key]["acc"])
-
-    def sd(key: str) -> float:
-        return 100 * statistics.stdev(by[key]["acc"]) if len(by[key]["acc"]) > 1 else 0.0
-
     def cmp(a: str, b: str) -> str:
-        diff, tol = m(a) - m(b), max(2.0, 2 * max(sd(a), sd(b)))
-        word = "≈" if abs(diff) <= tol else (">" if diff > 0 else "<")
-        return f"{m(a):.1f} {word} {m(b):.1f} (Δ {diff:+.1f}, tol. {tol:.1f})"
+        word, diff, tol = compare(by[a]["acc"], by[b]["acc"])
+        ma, mb = (100 * statistics.mean(by[k]["acc"]) for k in (a, b))
+        return f"{ma:.1f} {word} {mb:.1f} (Δ {diff:+.1f}, tol. {tol:.1f})"
 
     out = []
     for p in (pct(d) for d in DENSITIES):
@@ -273,14 +280,6 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def compute_seconds(ctx: StudyContext, prefix: str) -> tuple[int, float]:
-    """(number of cached runs named ``prefix*``, their summed wall-clock seconds as first measured)."""
-    import json
-
-    walls = [json.loads(p.read_text()).get("wall_seconds", 0.0) for p in ctx.runs_dir.glob(f"{prefix}*.json")]
-    return len(walls), float(sum(walls))
-
-
 def run(ctx: StudyContext) -> Section:
     """Item 3: the main recovery table, the AdamW-vs-SGD ablation and the low-lr regime search."""
     from . import recovery_extra as extra
@@ -289,13 +288,24 @@ def run(ctx: StudyContext) -> Section:
     sgd = extra.sgd_ablation(ctx, rows, meta)
     low = extra.low_lr_regime(ctx, rows, meta, sgd)
     plots = extra.plots(ctx, rows, sgd, low)
-    n = len(ctx.seeds)
+    info = RenderInfo.from_context(ctx)
+    data = json_roundtrip({"rows": rows, "meta": meta, "sgd": sgd, "low_lr": low,
+                           "compute_seconds": info.compute_seconds("rec_")[1]})  # fmt: skip
+    return Section("recovery", "Subnetwork recovery (masked retraining)", render(info, data, plots), data, plots)
+
+
+def render(info: RenderInfo, data: dict[str, Any], plots: list[str]) -> str:
+    """The section's markdown from its data (as stored in ``study.json``)."""
+    from . import recovery_extra as extra
+
+    config, rows, meta = info.config, data["rows"], data["meta"]
+    n = config.seeds
     md = [
-        f"Each seed's own full OPD run (the shared `opd_full_s<seed>`, {ctx.config.steps} steps, AdamW lr "
-        f"{ctx.config.lr:g}) gives the masks; each row retrains from the anchor with the same recipe and seed "
+        f"Each seed's own full OPD run (the shared `opd_full_s<seed>`, {config.steps} steps, AdamW lr "
+        f"{config.lr:g}) gives the masks; each row retrains from the anchor with the same recipe and seed "
         f"(equal steps). Masks: bf16-visible (|bf16(W₊) − bf16(W0)| > 0) and top-k |ΔW| over all block Linears; "
         "random and low-magnitude controls keep each module's coordinate count of the top-k mask; LoRA (peft, alpha = "
-        f"2r, same lr) on the same {len(block_linears(ctx.world.load_student()))} block Linears with the rank whose "
+        f"2r, same lr) on the same {len(info.block_linears)} block Linears with the rank whose "
         f"count r·Σ(in+out) = r·{meta['lora_per_rank']:,} is nearest to the mask's. Primary rows at {n} seed(s), "
         f"secondary rows at {SECONDARY_SEEDS} (the seeds column; to fit the compute budget). The full-OPD "
         "row's final accuracy is the shared run's; its curve comes from a re-run with evaluations (finals "
@@ -304,17 +314,16 @@ def run(ctx: StudyContext) -> Section:
         "and lm_head: the block-only row separates scope from sparsity. No random row for the bf16-visible mask: at "
         "this lr the mask is nearly dense, so a random mask of the same per-module counts is nearly the same set.",
         "",
-        *table_md(rows, ctx.config.eval_samples),
+        *table_md(rows, config.eval_samples),
         "",
         "**Verdicts** (≈ when the means differ by at most max(2 points, 2 std)):",
         *verdicts(rows),
         "",
-        *extra.sgd_md(ctx, sgd),
+        *extra.sgd_md(config, data["sgd"]),
         "",
-        *extra.low_lr_md(ctx, low, meta),
+        *extra.low_lr_md(data["low_lr"], meta),
     ]
-    n_runs, secs = compute_seconds(ctx, "rec_")
+    n_runs, secs = info.compute_seconds("rec_")
     md += ["", f"Compute: {n_runs} cached entries named `rec_*`, {secs / 60:.1f} min of wall-clock as first measured "
-           f"({ctx.config.threads} thread(s); the shared full OPD runs not included)."]  # fmt: skip
-    data = {"rows": rows, "meta": meta, "sgd": sgd, "low_lr": low, "compute_seconds": secs}
-    return Section("recovery", "Subnetwork recovery (masked retraining)", "\n".join(md), data, plots)
+           f"({config.threads} thread(s); the shared full OPD runs not included)."]  # fmt: skip
+    return "\n".join(md)

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Optional
 
-from .core import StudyContext
+from .core import StudyConfig, StudyContext
 from .recovery import (
     CURVE_SAMPLES,
     anchor_curve_acc,
@@ -19,6 +19,7 @@ from .recovery import (
     mean_curve,
     pct,
     seed_masks,
+    word_of,
 )
 
 SGD_LRS = (0.03, 0.1, 0.3, 1.0)  # full-parameter SGD grid (gradients clipped to norm 1, as in every run)
@@ -102,19 +103,18 @@ def sgd_ablation(ctx: StudyContext, rows: list[dict[str, Any]], meta: dict[str, 
     }
 
 
-def sgd_md(ctx: StudyContext, sgd: dict[str, Any]) -> list[str]:
+def sgd_md(config: StudyConfig, sgd: dict[str, Any]) -> list[str]:
     """Markdown of the optimizer ablation."""
     best_full = max(sgd["full"], key=lambda x: x["acc"])
     best_mask = max(sgd["masked_top20"], key=lambda x: x["acc"])
     best_block = max(sgd["block"], key=lambda x: x["acc"])
     aw = sgd["adamw"]
 
-    def word(a: dict, b: dict) -> str:
-        d = 100 * (a["acc"] - b["acc"])
-        return f"{100 * a['acc']:.1f} {'≈' if abs(d) <= 2 else ('>' if d > 0 else '<')} {100 * b['acc']:.1f}"
+    def word(a: dict, b: dict) -> str:  # ≈ within 2 points
+        return f"{100 * a['acc']:.1f} {word_of(100 * (a['acc'] - b['acc']), 2)} {100 * b['acc']:.1f}"
 
     lines = [
-        f"**AdamW vs SGD under OPD** (seed {sgd['seed']}, {ctx.config.steps} steps, same schedule, gradients clipped "
+        f"**AdamW vs SGD under OPD** (seed {sgd['seed']}, {config.steps} steps, same schedule, gradients clipped "
         "to norm 1 as in every run; SGD without momentum). Tried SGD lr "
         + ", ".join(f"{x['lr']:g} → {100 * x['acc']:.1f} %" for x in sgd["full"])
         + " (full); masked top-20 % at "
@@ -133,7 +133,7 @@ def sgd_md(ctx: StudyContext, sgd: dict[str, Any]) -> list[str]:
         "",
         "| optimizer | full OPD % | all block Linears % | top-20 % mask % | papers |",
         "|---|---:|---:|---:|---|",
-        f"| AdamW lr {ctx.config.lr:g} | {100 * aw['full']['acc']:.1f} | {100 * aw['block']['acc']:.1f} | "
+        f"| AdamW lr {config.lr:g} | {100 * aw['full']['acc']:.1f} | {100 * aw['block']['acc']:.1f} | "
         f"{100 * aw['top20']['acc']:.1f} | better |",
         f"| SGD, best lr of each grid ({best_full['lr']:g} / {best_block['lr']:g} / {best_mask['lr']:g}) | "
         f"{100 * best_full['acc']:.1f} | {100 * best_block['acc']:.1f} | {100 * best_mask['acc']:.1f} | "
@@ -193,7 +193,7 @@ def low_lr_regime(ctx: StudyContext, rows: list[dict[str, Any]], meta: dict[str,
             "protocol": proto, "seed": s}  # fmt: skip
 
 
-def low_lr_md(ctx: StudyContext, low: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+def low_lr_md(low: dict[str, Any], meta: dict[str, Any]) -> list[str]:
     """Markdown of the regime search and the protocol."""
     pick = next(c for c in low["candidates"] if c["name"] == low["pick"])
     lines = [
@@ -209,8 +209,7 @@ def low_lr_md(ctx: StudyContext, low: dict[str, Any], meta: dict[str, Any]) -> l
         lines.append(f"| {c['label']} | {lr_cell} | {100 * c['acc']:.1f} | {100 * c['gain_share']:.0f} % | "
                      f"{100 * c['density']:.1f} % | {'yes' if c['qualifies'] else 'no'} |")  # fmt: skip
     p = low["protocol"]
-    verdict = "≈" if abs(p["mask"]["acc"] - p["random"]["acc"]) <= 0.02 else (
-        ">" if p["mask"]["acc"] > p["random"]["acc"] else "<")  # fmt: skip
+    verdict = word_of(p["mask"]["acc"] - p["random"]["acc"], 0.02)
     found = "A regime exists" if low["regime_found"] else "No run both learned a lot and left a sparse bf16 mask"
     adam = [c for c in low["candidates"] if c["optimizer"] == "adamw"]
     sparsest = min(adam, key=lambda c: c["density"])

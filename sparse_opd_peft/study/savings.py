@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import predictors as P
-from .core import Section, StudyContext, mean_std
+from .core import RenderInfo, Section, StudyContext, json_roundtrip, mean_std
 
 METHODS = ("full", "masked", "lora")
 QWEN = dict(vocab_size=128, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
@@ -343,8 +343,16 @@ def _plot(ctx: StudyContext, data: dict[str, Any]) -> str:
 
 def run(ctx: StudyContext) -> Section:
     """Measured step time, memory, optimizer and file bytes, and end-to-end route costs."""
-    data = bench(ctx)
-    e2e = end_to_end(ctx, data["toy"])
+    bench_data = bench(ctx)
+    data = json_roundtrip({"bench": bench_data, "end_to_end": end_to_end(ctx, bench_data["toy"])})
+    plot = _plot(ctx, bench_data)
+    markdown = render(RenderInfo.from_context(ctx), data, [plot])
+    return Section("savings", "Savings, measured", markdown, data, [plot])
+
+
+def render(info: RenderInfo, data: dict[str, Any], plots: list[str]) -> str:
+    """The section's markdown from its data (as stored in ``study.json``)."""
+    e2e, data = data["end_to_end"], data["bench"]
     mb = lambda b: f"{b / 2**20:.2f}"  # noqa: E731
     lines = ["| model | method | trainable | s / step | × full | peak RSS growth (MB) | optimizer state (MB) | "
              "weights file (MB) | all saved files (MB) |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
@@ -366,7 +374,7 @@ def run(ctx: StudyContext) -> Section:
     toy = {r["method"]: r for r in data["toy"]}
     qw = {r["method"]: r for r in data["qwen"]}
     md = [
-        f"Same machine, one study run, {ctx.config.threads} thread(s), each configuration in a fresh process; step "
+        f"Same machine, one study run, {info.config.threads} thread(s), each configuration in a fresh process; step "
         f"time = the fastest of {data['repeats']} interleaved repeats of the median step; memory = growth of the "
         "peak resident set over the resident set before the first step. The masked adapter trains the toy run's "
         "top-20 % |ΔW| mask (toy) or a random 20 % per-module mask (Qwen3); LoRA has the rank giving about the same "
@@ -394,9 +402,8 @@ def run(ctx: StudyContext) -> Section:
         "timed together); the step-unit column does not. A masked retrain after a full OPD run only adds cost; "
         "a probe + masked retrain route saves only if it reaches the accuracy wanted (see the predictors section).",
     ]
-    plot = _plot(ctx, data)
-    md += ["", f"![savings]({plot})"]
-    return Section("savings", "Savings, measured", "\n".join(md), {"bench": data, "end_to_end": e2e}, [plot])
+    md += ["", f"![savings]({plots[0]})"]
+    return "\n".join(md)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .core import Section, StudyContext, mean_std
+from .core import RenderInfo, Section, StudyContext, json_roundtrip, mean_std
 from .recovery import block_linears, block_only_student, curve_of, curve_settings, fmt_steps, mean_curve, pct, steps_to
 
 RANKS = (16, 4)  # the paper's rank at config.seeds, then a smaller one at SECONDARY_SEEDS
@@ -30,7 +30,11 @@ PAPER = {"opd": "essentially unchanged under rank 16", "sft": "degraded under ra
 
 def prefix_steps(ctx: StudyContext) -> int:
     """Step at which the subspace is taken (≈ 20 % of ``config.steps``, at least 1)."""
-    return max(1, int(round(PREFIX * ctx.config.steps)))
+    return _prefix_steps(ctx.config.steps)
+
+
+def _prefix_steps(steps: int) -> int:
+    return max(1, int(round(PREFIX * steps)))
 
 
 def _changes(ctx: StudyContext, method: str) -> dict[str, Any]:
@@ -98,7 +102,11 @@ def continue_changes(ctx: StudyContext, method: str, seed: int) -> dict[str, Any
 
 def effective_rank(ctx: StudyContext, rank: int) -> int:
     """``rank`` clamped to the smallest min(out, in) of the block Linears (matters in the tiny world only)."""
-    return min(rank, min(min(s) for s in block_linears(ctx.world.load_student()).values()))
+    return _clamp_rank(rank, block_linears(ctx.world.load_student()))
+
+
+def _clamp_rank(rank: int, shapes: dict[str, tuple[int, int]]) -> int:
+    return min(rank, min(min(s) for s in shapes.values()))
 
 
 def arm_run(ctx: StudyContext, method: str, arm: str, seed: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -218,23 +226,59 @@ def plot(ctx: StudyContext, res: dict[str, Any], anchor: float) -> str:
     return "plots/subspace.png"
 
 
+def channel_verdict(opd_rows: dict[str, Any], sft_rows: dict[str, Any], rank: int) -> str:
+    """The section's verdict line: does the rank-``rank`` early channel keep OPD and hurt SFT (rows of the
+    ``rank<RANKS[0]>`` and ``free`` arms), and does the paper's asymmetry (OPD less affected than SFT) hold?"""
+    rk = f"rank{RANKS[0]}"
+    (vo, do), (vs, ds) = verdict(opd_rows, rk), verdict(sft_rows, rk)
+    keeps = (
+        "does not keep"
+        if vo == "<"
+        else (
+            "keeps"
+            if vo == ">" or abs(do) <= 2.0
+            else "is not distinguishable (seed spread too large) from unconstrained for"
+        )
+    )
+    hurts = "hurts" if vs == "<" else "does not hurt"
+    return (
+        f"**Verdict**: the rank-{rank} early channel {keeps} OPD here (Δ {do:+.1f} points vs unconstrained) and "
+        f"{hurts} SFT (Δ {ds:+.1f}); the paper: OPD essentially unchanged, SFT degraded. "
+        + (
+            "The paper's asymmetry (OPD less affected than SFT) "
+            + ("holds" if do > ds else "does not hold")
+            + " here. "
+        )
+        + "(≈ = within max(2 points, 2 std).)"
+    )
+
+
 def run(ctx: StudyContext) -> Section:
     """Item 4: resumed training under the early rank-r subspace vs unconstrained, for OPD and SFT."""
-    from .recovery import anchor_curve_acc, compute_seconds
+    from .recovery import anchor_curve_acc
 
     res = collect(ctx)
-    shapes = block_linears(ctx.world.load_student())
+    info = RenderInfo.from_context(ctx)
+    res["compute_seconds"] = info.compute_seconds("sub_")[1]
+    plots = [plot(ctx, res, anchor_curve_acc(ctx))]
+    data = json_roundtrip(res)
+    return Section("subspace", "Early subspace (rank-r projected training)", render(info, data, plots), data, plots)
+
+
+def render(info: RenderInfo, data: dict[str, Any], plots: list[str]) -> str:
+    """The section's markdown from its data (as stored in ``study.json``)."""
+    res, config, shapes = data, info.config, info.block_linears
     total = sum(o * i for o, i in shapes.values())
-    r0 = effective_rank(ctx, RANKS[0])
+    r0 = _clamp_rank(RANKS[0], shapes)
     shares = sorted({f"{r0}/{i} = {100 * r0 / i:.0f} %" for _, i in shapes.values()})
-    k, n = prefix_steps(ctx), len(ctx.seeds)
+    k, n = _prefix_steps(config.steps), config.seeds
     hidden, inter = min(i for _, i in shapes.values()), max(i for _, i in shapes.values())
     md = [
-        f"Resume at step {k} of {ctx.config.steps} ({pct(PREFIX)} %) from the method's own 20 % model (the paper's "
+        f"Resume at step {k} of {config.steps} ({pct(PREFIX)} %) from the method's own 20 % model (the paper's "
         "protocol); the subspace V is the top-r right singular vectors of ΔW at that step; fresh AdamW for the "
-        f"remaining {ctx.config.steps - k} steps in every arm (see module docstring). OPD = loss "
-        f"`{ctx.base.loss}`, SFT = `sft` on the dataset's completions, both from the same anchor at lr "
-        f"{ctx.config.lr:g}. Primary rows at {n} seed(s), secondary rows at {SECONDARY_SEEDS} (the seeds column). "
+        f"remaining {config.steps - k} steps in every arm (see module docstring). OPD = loss "
+        f"`{info.base.loss}`, SFT = `sft` on the dataset's completions, both from the same anchor at lr "
+        f"{config.lr:g}. Primary rows at {n} seed(s), secondary rows at {SECONDARY_SEEDS} (the seeds column). "
         f"The OPD prefix replays the shared full run: max |ΔW| vs its step-{k} snapshot "
         f"{res['opd']['snapshot_diff']}.",
         "",
@@ -242,9 +286,9 @@ def run(ctx: StudyContext) -> Section:
         f"keeps a large share of each module's input directions ({', '.join(shares)}) and its trainable count "
         f"Σ out·r is {100 * res['opd']['rows'][f'rank{RANKS[0]}']['trainable'] / total:.0f} % of the block-Linear "
         "entries; in Qwen3-8B (hidden 4096, intermediate 12288) rank 16 keeps 0.4 % / 0.1 %. Rank "
-        f"{effective_rank(ctx, RANKS[-1])} is the closer analogue of the paper's bottleneck.",
+        f"{_clamp_rank(RANKS[-1], shapes)} is the closer analogue of the paper's bottleneck.",
         "",
-        f"| method | arm | trainable | seeds | final acc % ({ctx.config.eval_samples} prompts) | vs unconstrained | "
+        f"| method | arm | trainable | seeds | final acc % ({config.eval_samples} prompts) | vs unconstrained | "
         "steps to 50 % | papers |",
         "|---|---|---:|---:|---:|---:|---:|---|",
     ]
@@ -261,18 +305,6 @@ def run(ctx: StudyContext) -> Section:
             )
     md.append(f"| OPD | uninterrupted shared full run (reference) | all | {n} | {mean_std(res['full_opd_acc'], 100)} "
               "| | | |")  # fmt: skip
-    rk = f"rank{RANKS[0]}"
-    (vo, do), (vs, ds) = verdict(res["opd"]["rows"], rk), verdict(res["sft"]["rows"], rk)
-    keeps = (
-        "does not keep"
-        if vo == "<"
-        else (
-            "keeps"
-            if vo == ">" or abs(do) <= 2.0
-            else "is not distinguishable (seed spread too large) from unconstrained for"
-        )
-    )
-    hurts = "hurts" if vs == "<" else "does not hurt"
     md += [
         "",
         f"Is the 20 % channel the final one? Sim_{r0}(step {k}, end) = ‖V(step {k})ᵀ V(end)‖²_F / {r0}, averaged over "
@@ -280,17 +312,8 @@ def run(ctx: StudyContext) -> Section:
         f"{mean_std(res['sft']['sim'], 1, 2)}, random subspaces {res['opd']['sim_random']:.2f}. The paper (Fig. 5): "
         "OPD aligned with its final rank-16 channel from the first checkpoint, SFT and RLVR converging later.",
         "",
-        f"**Verdict**: the rank-{r0} early channel {keeps} OPD here (Δ {do:+.1f} points vs unconstrained) and "
-        f"{hurts} SFT (Δ {ds:+.1f}); the paper: OPD essentially unchanged, SFT degraded. "
-        + (
-            "The paper's asymmetry (OPD less affected than SFT) "
-            + ("holds" if do > ds else "does not hold")
-            + " here. "
-        )
-        + "(≈ = within max(2 points, 2 std).)",
+        channel_verdict(res["opd"]["rows"], res["sft"]["rows"], r0),
     ]
-    n_runs, secs = compute_seconds(ctx, "sub_")
+    n_runs, secs = info.compute_seconds("sub_")
     md += ["", f"Compute: {n_runs} cached entries named `sub_*`, {secs / 60:.1f} min of wall-clock as first measured."]
-    res["compute_seconds"] = secs
-    plots = [plot(ctx, res, anchor_curve_acc(ctx))]
-    return Section("subspace", "Early subspace (rank-r projected training)", "\n".join(md), res, plots)
+    return "\n".join(md)
