@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# The test command from the README: set up .venv if needed, then run the whole pytest suite.
+# The test command from the README: set up .venv if needed, run the whole pytest suite, then peft's own harness on
+# SparseOPD (scripts/peft_harness.sh; it needs the package registry once, to fetch peft's sdist). With arguments,
+# only pytest runs, with them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec .venv/bin/python -m pytest "$@"
+.venv/bin/python -m pytest "$@"
+if [ "$#" -eq 0 ]; then
+    bash scripts/peft_harness.sh
+fi

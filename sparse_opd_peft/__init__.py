@@ -1,7 +1,8 @@
 """sparse_opd_peft: sparse on-policy-distillation adapters as a PEFT method.
 
-Importing the package registers the ``SPARSE_OPD`` method with peft, so that ``peft.get_peft_model(model,
-SparseOPDConfig(mask=...))`` and ``PeftModel.from_pretrained(base, path)`` work.
+Importing the package registers the ``SPARSE_OPD`` method with peft (and does nothing else to peft), so that
+``peft.get_peft_model(model, SparseOPDConfig(mask=...))`` and ``PeftModel.from_pretrained(base, path)`` work.
+``save_adapter(model, dir)`` saves with our model card, ``push_adapter(model_or_dir, repo_id)`` uploads to the Hub.
 """
 
 from .hub import load_adapter, push_adapter

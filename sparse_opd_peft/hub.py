@@ -3,17 +3,16 @@
 * Loading: ``PeftModel.from_pretrained(base, "org/name", revision=...)`` and
   ``AutoPeftModelForCausalLM.from_pretrained("org/name")`` work as for any peft method (``HF_HUB_OFFLINE=1`` reads
   the local cache); :func:`load_adapter` is the same with our clear errors for every bad input first.
-* Pushing: ``model.push_to_hub("org/name")`` (peft's method, wrapped by :func:`install_push_hook` for SparseOPD
-  models so that the upload carries our model card) and :func:`push_adapter` for a model or a saved directory
-  (``sparse-opd push``). Both upload ``adapter_config.json``, ``adapter_model.safetensors`` and ``README.md`` in one
-  commit through ``HfApi.create_repo`` / ``create_branch`` / ``create_commit``.
+* Pushing: :func:`push_adapter` (``sparse_opd_peft.push_adapter(model_or_directory, "org/name")``, ``sparse-opd
+  push``) uploads ``adapter_config.json``, ``adapter_model.safetensors`` and our model card ``README.md`` in one
+  commit through ``HfApi.create_repo`` / ``create_branch`` / ``create_commit``. peft's ``model.push_to_hub`` is left
+  as peft ships it (nothing of peft is patched): it uploads the files with transformers' generic card.
 * :func:`add_to_hub_cache` puts a saved adapter (or any model folder) into the local Hub cache under a repo id, in
   huggingface_hub's documented layout, for air-gapped machines and tests.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -33,7 +32,6 @@ from .model_card import (
 from .tuner.files import write_text_atomic
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
-_PUSH_TO_HUB_IGNORED = ("max_shard_size", "use_temp_dir", "safe_serialization")
 
 
 @dataclass
@@ -279,8 +277,8 @@ def push_adapter(
     ``revision`` too.
 
     Args:
-        adapter: ``PeftModel`` with SparseOPD adapter(s) (saved through ``save_pretrained`` into a temporary
-            directory first) or a saved adapter directory (validated, never modified).
+        adapter: ``PeftModel`` with SparseOPD adapter(s) (saved with :func:`~sparse_opd_peft.save_adapter`, card
+            included, into a temporary directory first) or a saved adapter directory (validated, never modified).
         repo_id: ``org/name`` (or ``name`` for the token's user).
         revision: target branch (default: the repo's default branch).
         private / token / create_pr / commit_message / commit_description: as ``HfApi.create_repo`` /
@@ -299,8 +297,9 @@ def push_adapter(
         else:
             if not sparse_opd_adapters(adapter):
                 raise ValueError("push_adapter: the model holds no SparseOPD adapter; use model.push_to_hub for it")
-            adapter.save_pretrained(tmp)
-            directory = Path(tmp)
+            from .model_card import save_adapter
+
+            directory = save_adapter(adapter, Path(tmp) / "adapter")
         files = plan_upload(directory, repo_id)
         notes = _base_model_notes(directory)
         if tags:
@@ -355,32 +354,3 @@ def _base_model_notes(directory: Path) -> list[str]:
             "config.base_model_name_or_path to the Hub id and save again"
         ]
     return []
-
-
-def install_push_hook() -> None:
-    """Route ``PeftModel.push_to_hub`` of models holding SparseOPD adapters through :func:`push_adapter`, so that the
-    upload carries our model card (transformers' generic push replaces ``README.md`` with a generic card). Other peft
-    methods are passed through unchanged. Idempotent."""
-    from peft import PeftModel
-
-    current = PeftModel.push_to_hub
-    original = getattr(current, "__sparse_opd_original__", current)
-
-    @functools.wraps(original)
-    def push_to_hub(self, repo_id: str, *args, **kwargs):
-        if args or not sparse_opd_adapters(self):  # other peft methods: transformers' own push_to_hub
-            return push_to_hub.__sparse_opd_original__(self, repo_id, *args, **kwargs)
-        if kwargs.get("safe_serialization") is False:
-            raise ValueError("SparseOPD adapters are saved as safetensors only; drop safe_serialization=False")
-        options = {k: v for k, v in kwargs.items() if k not in _PUSH_TO_HUB_IGNORED}
-        allowed = {"commit_message", "commit_description", "private", "token", "revision", "create_pr", "tags"}
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise TypeError(f"push_to_hub() got an unexpected keyword argument {unknown[0]!r}")
-        return push_adapter(self, repo_id, **options).commit
-
-    push_to_hub.__sparse_opd_original__ = original
-    PeftModel.push_to_hub = push_to_hub
-
-
-install_push_hook()

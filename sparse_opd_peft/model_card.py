@@ -1,15 +1,15 @@
-"""The model card (``README.md``) of a SparseOPD adapter, written through peft's own README mechanism.
+"""The model card (``README.md``) of a SparseOPD adapter.
 
-``PeftModel.save_pretrained`` calls ``create_or_update_model_card(save_directory)``; importing ``sparse_opd_peft``
-wraps that method (:func:`install_model_card_hook`) so that, for models holding SparseOPD adapters, the card gets a
-section between ``<!-- sparse_opd:card -->`` markers: base model and fingerprint, targeted modules, density overall and
-per module type, mask provenance, bf16 visibility, diagnostics summary, training recipe, file size and a usage
-snippet. Other peft methods get peft's card unchanged. Text outside the markers (the user's own) is kept on re-save.
+:func:`save_adapter` (``sparse_opd_peft.save_adapter``) writes it with the adapter: peft's own card (tags, base model,
+framework versions) plus a section between ``<!-- sparse_opd:card -->`` markers: base model and fingerprint, targeted
+modules, density overall and per module type, mask provenance, bf16 visibility, diagnostics summary, training
+recipe, file size and a usage snippet. Text outside the markers (the user's own) is kept on re-save.
+:func:`write_model_card` adds / refreshes that section in any saved directory. Nothing of peft is patched: a plain
+``model.save_pretrained`` writes peft's generic card, ``save_adapter`` / ``push_adapter`` write ours.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -63,7 +63,7 @@ def record_training(model, recipe: Mapping[str, Any], adapter_name: str = "defau
     """Record the training recipe (and optionally a diagnostics summary) of a SparseOPD adapter for its model card.
 
     The recipe is merged into ``model.peft_config[adapter_name].training`` (JSON only), saved in
-    ``adapter_config.json`` and rendered in ``README.md`` by the next ``save_pretrained`` / ``push_to_hub``.
+    ``adapter_config.json`` and rendered in ``README.md`` by the next :func:`save_adapter` / ``push_adapter``.
 
     Args:
         model: a ``PeftModel`` (or tuner) holding a SparseOPD adapter ``adapter_name``.
@@ -357,21 +357,30 @@ def card_block_for_directory(directory: str | os.PathLike, configs: Mapping[str,
     return render_card_block(entries, repo_id)
 
 
-def update_model_card(model, output_dir: str | os.PathLike, fresh: bool) -> Path:
-    """Add / refresh the SparseOPD section of ``output_dir/README.md`` (after peft wrote or updated it).
+def write_model_card(model, output_dir: str | os.PathLike, fresh: Optional[bool] = None) -> Path:
+    """Add / refresh the SparseOPD section of ``output_dir/README.md`` for a ``PeftModel`` just saved there.
 
     Args:
-        model: the ``PeftModel`` being saved.
-        output_dir: the save directory.
-        fresh: True when there was no README before this save: peft's generic template text is then replaced.
+        model: the ``PeftModel`` holding SparseOPD adapter(s) (bf16 visibility is measured on it).
+        output_dir: the directory ``model.save_pretrained`` wrote (its README.md is peft's card).
+        fresh: True when there was no README before that save: peft's generic template text is then replaced by the
+            section. Default: True when the README has no SparseOPD section yet and no text of its own.
+
+    Returns:
+        The README path.
     """
     import peft
-    from huggingface_hub import ModelCard
+    from huggingface_hub import ModelCard, ModelCardData
 
     from . import __version__
 
     path = Path(output_dir) / "README.md"
+    if not path.is_file():
+        ModelCard.from_template(ModelCardData()).save(path)
+        fresh = True
     card = ModelCard.load(path, ignore_metadata_errors=True)
+    if fresh is None:
+        fresh = CARD_BEGIN not in card.text and "More Information Needed" in card.text
     block = card_block_for_model(model)
     if fresh:
         card.text = f"{block}\n\n### Framework versions\n\n- PEFT {peft.__version__}\n- sparse_opd_peft {__version__}\n"
@@ -382,30 +391,38 @@ def update_model_card(model, output_dir: str | os.PathLike, fresh: bool) -> Path
     return path
 
 
+class _SavesWithCard:
+    """What :func:`save_adapter` hands to the atomic saver: ``save_pretrained`` = peft's save, then our card."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
+        fresh = not (Path(directory) / "README.md").is_file()
+        self.model.save_pretrained(directory, **kwargs)
+        if not sparse_opd_adapters(self.model):
+            return
+        try:
+            write_model_card(self.model, directory, fresh)
+        except Exception as err:  # noqa: BLE001 - a card problem must never lose the adapter being saved
+            warnings.warn(f"could not write the SparseOPD model card ({type(err).__name__}: {err})", stacklevel=3)
+
+
+def save_adapter(model, directory: str | os.PathLike, **kwargs) -> Path:
+    """Save a ``PeftModel`` with SparseOPD adapter(s) and its model card, atomically.
+
+    ``model.save_pretrained(directory, **kwargs)`` (``adapter_config.json``, ``adapter_model.safetensors``, named
+    adapters in subfolders) plus :func:`write_model_card`, all staged in a temporary sibling directory that replaces
+    ``directory`` in one swap (:func:`sparse_opd_peft.tuner.files.save_adapter`). A failure to write the card is a
+    warning, never a lost adapter.
+
+    Returns:
+        ``directory`` as a ``Path``.
+    """
+    from .tuner.files import save_adapter as save_atomically
+
+    return save_atomically(_SavesWithCard(model), directory, **kwargs)
+
+
 def _base_name(model) -> Optional[str]:
     return getattr(getattr(model, "base_model", None), "model", model).__dict__.get("name_or_path") or None
-
-
-def install_model_card_hook() -> None:
-    """Wrap ``peft.PeftModel.create_or_update_model_card`` so that SparseOPD adapters get their card (idempotent;
-    other peft methods are passed through unchanged)."""
-    from peft import PeftModel
-
-    current = PeftModel.create_or_update_model_card
-    original = getattr(current, "__sparse_opd_original__", current)
-
-    @functools.wraps(original)
-    def create_or_update_model_card(self, output_dir: str):
-        fresh = not os.path.exists(os.path.join(output_dir, "README.md"))
-        original(self, output_dir)
-        if sparse_opd_adapters(self):
-            try:
-                update_model_card(self, output_dir, fresh)
-            except Exception as err:  # noqa: BLE001 - a card problem must never lose the adapter being saved
-                warnings.warn(f"could not write the SparseOPD model card ({type(err).__name__}: {err})", stacklevel=2)
-
-    create_or_update_model_card.__sparse_opd_original__ = original
-    PeftModel.create_or_update_model_card = create_or_update_model_card
-
-
-install_model_card_hook()

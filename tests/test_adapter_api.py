@@ -164,7 +164,7 @@ def test_subspace_only_and_with_mask(model, mask, ids):
         m = make_model()
         pm = get_peft_model(m, cfg)
         expected = sum(modules[n].out_features * 4 for n in names)
-        if cfg.module_nnz:
+        if pm.peft_config["default"].module_nnz:
             expected += sum(int(v.sum()) for v in mask.values())
         assert pm.get_nb_trainable_parameters()[0] == expected
         train_steps(pm, ids, steps=3)

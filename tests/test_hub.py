@@ -1,4 +1,4 @@
-"""Hub sharing: loading by repo id from a local Hub cache with HF_HUB_OFFLINE=1, revision pinning, push_to_hub up to
+"""Hub sharing: loading by repo id from a local Hub cache with HF_HUB_OFFLINE=1, revision pinning, push_adapter up to
 the upload call, and one test per bad input on the Hub path (clear error naming the fix, nothing written)."""
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def test_revision_pinning_selects_the_snapshot(hub_cache, tmp_path, ids):
     assert torch.equal(load_adapter(make_model(), REPO, revision=snap_old.name)(ids).logits, want_old)
 
 
-# ------------------------------------------------------------------------------------------------ push_to_hub
+# ------------------------------------------------------------------------------------------------ push_adapter
 class FakeHub:
     """Records what HfApi would send; reads every uploaded file inside create_commit (temp dirs vanish after)."""
 
@@ -158,11 +158,11 @@ class FakeHub:
             monkeypatch.setattr(HfApi, name, fn)
 
 
-def test_push_to_hub_uploads_the_adapter_files_and_card(hub_cache, tmp_path, monkeypatch):
+def test_push_adapter_of_a_model_uploads_the_adapter_files_and_card(hub_cache, tmp_path, monkeypatch):
     hub = FakeHub(monkeypatch)
     model = trained_adapter(tmp_path / "local")
-    info = model.push_to_hub("org/new", revision="dev", private=True, commit_message="first")
-    assert info.commit_url.endswith("/commit/abc")
+    result = push_adapter(model, "org/new", revision="dev", private=True, commit_message="first")
+    assert result.commit_url.endswith("/commit/abc") and not result.dry_run
     assert [c[0] for c in hub.calls] == ["create_repo", "create_branch", "create_commit"]
     assert hub.calls[0][2]["private"] is True and hub.calls[1][2]["branch"] == "dev"
     assert hub.calls[2][2]["revision"] == "dev" and hub.calls[2][2]["commit_message"] == "first"
@@ -206,13 +206,11 @@ def test_push_dry_run_needs_no_network_and_writes_nothing(hub_cache, tmp_path, m
     assert tree(tmp_path) == before
 
 
-def test_push_to_hub_of_other_peft_methods_is_left_to_transformers(monkeypatch):
-    seen = []
-    monkeypatch.setattr(PeftModel.push_to_hub, "__sparse_opd_original__", lambda self, repo, **kw: seen.append(repo))
-    monkeypatch.setattr("sparse_opd_peft.hub.push_adapter", lambda *a, **k: pytest.fail("not ours"))
+def test_push_adapter_refuses_a_model_without_sparse_opd_adapters(monkeypatch):
+    monkeypatch.setattr(HfApi, "__init__", lambda *a, **k: pytest.fail("must not talk to the Hub"))
     lora = get_peft_model(make_model(), LoraConfig(target_modules=["q_proj"], r=2))
-    lora.push_to_hub("org/lora")
-    assert seen == ["org/lora"]
+    with pytest.raises(ValueError, match="holds no SparseOPD adapter; use model.push_to_hub"):
+        push_adapter(lora, "org/lora")
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -1,4 +1,4 @@
-"""The model card written with the adapter through peft's README.md mechanism, and the training-recipe metadata."""
+"""The model card written by save_adapter (peft's card plus our section), and the training-recipe metadata."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from sparse_opd_peft.model_card import (
     CARD_BEGIN,
     card_block_for_directory,
     fingerprint_digest,
+    write_model_card,
 )
 from sparse_opd_peft.tuner.files import safetensors_nbytes
 
@@ -40,10 +41,10 @@ def sparse_model(density: float = 0.1, save_dtype: str = "float32", **kwargs):
     return get_peft_model(base, SparseOPDConfig(mask=mask, init_weights=False, save_dtype=save_dtype, **kwargs))
 
 
-def test_save_pretrained_writes_the_card(tmp_path):
+def test_save_adapter_writes_the_card(tmp_path):
     model = sparse_model()
     record_training(model, RECIPE, diagnostics=DIAGNOSTICS)
-    model.save_pretrained(tmp_path)
+    save_adapter(model, tmp_path)
     card = ModelCard.load(tmp_path / "README.md")
     text, cfg = card.text, model.peft_config["default"]
     assert card.data.library_name == "peft" and card.data.base_model == "org/tiny-base"
@@ -77,7 +78,7 @@ def test_save_pretrained_writes_the_card(tmp_path):
 @pytest.mark.parametrize(("density", "save_dtype"), [(0.1, "float32"), (0.01, "bfloat16"), (0.5, "float16")])
 def test_file_size_is_exact(tmp_path, density, save_dtype):
     model = sparse_model(density, save_dtype)
-    model.save_pretrained(tmp_path)
+    save_adapter(model, tmp_path)
     size = (tmp_path / "adapter_model.safetensors").stat().st_size
     assert f"| `adapter_model.safetensors` | {size:,} bytes" in (tmp_path / "README.md").read_text()
     tensors = {"a": torch.zeros(3, 5, dtype=torch.bfloat16), "b": torch.zeros(7, dtype=torch.uint8),
@@ -141,7 +142,7 @@ def test_two_adapters_and_a_subspace(tmp_path):
     name = "model.layers.0.mlp.up_proj"
     basis = torch.linalg.qr(torch.randn(base.get_submodule(name).in_features, 3))[0]
     model.add_adapter("second", SparseOPDConfig(subspace={name: basis}))
-    model.save_pretrained(tmp_path)
+    save_adapter(model, tmp_path)
     text = (tmp_path / "README.md").read_text()
     assert "## Adapter `default`" in text and "## Adapter `second` (subfolder `second/`)" in text
     assert "Plus a fixed subspace (rank 3) on 1 modules" in text
@@ -158,7 +159,7 @@ def test_a_card_failure_never_loses_the_adapter(tmp_path, monkeypatch):
 
     monkeypatch.setattr("sparse_opd_peft.model_card.card_block_for_model", broken)
     with pytest.warns(UserWarning, match="could not write the SparseOPD model card.*boom"):
-        sparse_model().save_pretrained(tmp_path)
+        save_adapter(sparse_model(), tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors", "README.md"}
 
 
@@ -166,3 +167,13 @@ def test_other_peft_methods_keep_peft_s_card(tmp_path):
     get_peft_model(make_model(), LoraConfig(target_modules=["q_proj"], r=2)).save_pretrained(tmp_path)
     text = (tmp_path / "README.md").read_text()
     assert CARD_BEGIN not in text and "sparse_opd" not in text
+
+
+def test_plain_save_pretrained_is_peft_s_own_and_write_model_card_adds_ours(tmp_path):
+    model = sparse_model()
+    model.save_pretrained(tmp_path)  # nothing of peft is patched: peft's generic card
+    assert CARD_BEGIN not in (tmp_path / "README.md").read_text()
+    write_model_card(model, tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert text.count(CARD_BEGIN) == 1 and "More Information Needed" not in text
+    assert f"{sum(model.peft_config['default'].module_nnz.values()):,} trained coordinates" in text

@@ -20,6 +20,26 @@ CONFIG_FORMAT_VERSION = 1
 RUNTIME_ONLY_FIELDS = ("mask", "subspace", "exclude")
 
 
+class AllCoordinates:
+    """``mask=ALL_COORDINATES``: every coordinate of the ``target_modules`` Linear layers (density 1). A config with
+    ``target_modules`` and neither mask, subspace nor adapter metadata gets it at construction."""
+
+    def __repr__(self) -> str:
+        return "ALL_COORDINATES"
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, AllCoordinates)
+
+    def __hash__(self) -> int:
+        return hash(AllCoordinates)
+
+    def __reduce__(self):
+        return (AllCoordinates, ())
+
+
+ALL_COORDINATES = AllCoordinates()
+
+
 @dataclass
 class SparseOPDConfig(PeftConfig):
     """Configuration of a sparse OPD adapter: train exactly the coordinates of a mask (and/or a fixed subspace).
@@ -31,8 +51,16 @@ class SparseOPDConfig(PeftConfig):
     Args:
         mask: a :class:`~sparse_opd_peft.SparseMask`, a dict ``{module_name: bool tensor (out, in)}``, or a path to
             a saved mask. The targeted modules are the mask's modules (and the subspace's), narrowed by
-            ``target_modules`` when given. Consumed by ``get_peft_model``: afterwards the config keeps only JSON-able
-            metadata (``module_nnz``, densities, ``mask_metadata``).
+            ``target_modules`` when given. ``target_modules`` alone (no mask, subspace or metadata) means
+            ``mask=ALL_COORDINATES``: every coordinate of the matched Linear layers is trained (density 1).
+
+    A config is a value as far as the adapter goes: ``get_peft_model`` / ``add_adapter`` read ``mask`` /
+    ``subspace`` / ``exclude`` / ``target_modules`` and never change them, so one config can be used any number of
+    times (and deep-copied) and yields the same adapter each time. As with every peft config, the object passed is the
+    adapter's ``model.peft_config[name]``: its metadata fields (``module_nnz``, ``module_shapes``, ``fingerprint``,
+    densities, ``mask_metadata``) describe the adapter built last and are re-derived from the model on each save.
+    ``adapter_config.json`` holds that metadata and no inputs; built from it (no mask / subspace), an adapter's
+    coordinates come from its file (``PeftModel.from_pretrained`` / ``load_adapter``), after the fingerprint check.
         subspace: ``{module_name: float tensor (in, r)}`` with (ideally orthonormal) columns, or a path to a
             safetensors file of them. Every update of that module then lies in the row space of the basis.
         exclude: coordinates that must not be trained (continual post-training churn budget): a mask in any of the
@@ -97,22 +125,27 @@ class SparseOPDConfig(PeftConfig):
             self.training = check_json_dict(self.training, "SparseOPDConfig.training")
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
-        if self.mask is None and self.subspace is None and not self.module_nnz and not self.module_rank:
+        if self.mask is None and self.subspace is None and self.target_modules and not self.has_metadata():
+            self.mask = ALL_COORDINATES
+        if not (self.mask is not None or self.subspace is not None or self.has_metadata()):
             warnings.warn(
-                "SparseOPDConfig has neither a mask nor a subspace; get_peft_model will fail until one is given",
+                "SparseOPDConfig has neither a mask, a subspace nor target_modules; get_peft_model will fail until one "
+                "is given",
                 stacklevel=2,
             )
 
+    def has_metadata(self) -> bool:
+        """True for the config of an existing adapter (from ``adapter_config.json`` or ``model.peft_config``): it
+        lists per-module coordinate counts / ranks instead of holding a mask or a subspace."""
+        return bool(self.module_nnz or self.module_rank)
+
     def to_dict(self) -> dict:
-        """JSON-able dict of the config. Runtime-only fields (mask, subspace, exclude) become None, or their path
-        string when they were given as a path."""
+        """JSON-able dict of the config (what ``adapter_config.json`` holds): the inputs (mask, subspace, exclude)
+        become None, whatever form they had (a mask path is kept in ``mask_metadata["path"]``): a config read back
+        describes the saved adapter through its metadata, whose coordinates come from the adapter file."""
         out = {}
         for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in RUNTIME_ONLY_FIELDS:
-                value = os.fspath(value) if isinstance(value, (str, os.PathLike)) else None
-            else:
-                value = copy.deepcopy(value)
+            value = None if f.name in RUNTIME_ONLY_FIELDS else copy.deepcopy(getattr(self, f.name))
             out[f.name] = value
         return out
 
@@ -152,10 +185,35 @@ class SparseOPDConfig(PeftConfig):
                     describe_hub_miss(source, "adapter_config.json", subfolder, kwargs, err.__cause__)
                 ) from None
             raise ValueError(f"{source}: {err}") from None
+        _refuse_pickle(os.path.join(source, subfolder or ""))
         path = locate_adapter_weights(pretrained_model_name_or_path, subfolder, kwargs)
         if path is not None:
             validate_adapter_file(config, path)
         return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """peft's ``PeftConfig.save_pretrained`` (writes ``adapter_config.json``), refusing to complete a pickle save:
+        ``model.save_pretrained(dir, safe_serialization=False)`` raises ``ValueError`` here, after peft wrote
+        ``adapter_model.bin`` and before the config, so no loadable pickle adapter is ever produced."""
+        _refuse_pickle(save_directory)
+        super().save_pretrained(save_directory, **kwargs)
+
+
+PICKLE_REFUSAL = (
+    "SparseOPD adapters are stored as safetensors only, never pickle: save with model.save_pretrained(dir) (the "
+    "default safe_serialization=True) or sparse_opd_peft.save_adapter(model, dir)"
+)
+
+
+def _refuse_pickle(folder: str | os.PathLike) -> None:
+    """Raise ``ValueError`` when ``folder`` holds a pickle ``adapter_model.bin`` and no ``adapter_model.safetensors``."""
+    if os.path.isfile(os.path.join(folder, "adapter_model.bin")) and not os.path.isfile(
+        os.path.join(folder, "adapter_model.safetensors")
+    ):
+        raise ValueError(
+            f"{folder}: the adapter weights are a pickle file (adapter_model.bin, written with "
+            f"safe_serialization=False); {PICKLE_REFUSAL}. Delete adapter_model.bin and save again"
+        )
 
 
 def check_json_dict(value, what: str) -> dict:

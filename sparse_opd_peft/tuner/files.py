@@ -237,7 +237,8 @@ def _modules_to_save_keys(config, state_dict: Mapping) -> set[str]:
     for key in state_dict:
         if parse_adapter_key(key)[1]:
             continue
-        module = key.removeprefix("base_model.model.").split(".modules_to_save.")[0].rsplit(".", 1)[0]
+        stem = key.removeprefix("base_model.model.")
+        module = stem.split(".modules_to_save.")[0] if ".modules_to_save." in stem else stem.rsplit(".", 1)[0]
         if any(module == n or module.endswith("." + n) for n in names):
             out.add(key)
     return out

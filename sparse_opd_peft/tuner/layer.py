@@ -23,7 +23,7 @@ from torch import nn
 
 from ..visibility import visible_update
 from . import bnb
-from .sparse_matmul import DeltaSpec, dense_delta, sparse_delta_linear
+from .sparse_matmul import DeltaSpec, accumulate_dtype, dense_delta, sparse_delta_linear
 from .storage import index_dtype
 
 
@@ -31,22 +31,35 @@ class SparseOPDLayer(BaseTunerLayer):
     """Adapter state shared by every layer type (see module docstring)."""
 
     adapter_layer_names = ("sparse_opd_values", "sparse_opd_coeff")
-    other_param_names = ("sparse_opd_indices", "sparse_opd_basis")
+    other_param_names = (
+        "sparse_opd_indices",
+        "sparse_opd_basis",
+        "sparse_opd_grad_path",
+        "sparse_opd_block_bytes",
+        "sparse_opd_fingerprint",
+    )
 
-    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, module_name: str = "", **kwargs) -> None:
         self.base_layer = base_layer
+        self.module_name = module_name or type(base_layer).__name__
+        # adapters created from metadata alone whose coordinates / basis the adapter file has not filled in yet
+        self._sparse_opd_pending: set[str] = set()
+        self._sparse_opd_hooks_checked = False
         self.sparse_opd_values = nn.ParameterDict({})
         self.sparse_opd_coeff = nn.ParameterDict({})
         self.sparse_opd_indices = BufferDict(persistent=True)
         self.sparse_opd_basis = BufferDict(persistent=True)
         self.sparse_opd_grad_path: dict[str, str] = {}
         self.sparse_opd_block_bytes: dict[str, int] = {}
+        self.sparse_opd_fingerprint: dict[str, dict] = {}  # base-weight fingerprint recorded for each adapter
         self._merge_backup: dict[str, Any] = {}
         self.last_merge_report: dict[str, dict] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         base = self.get_base_layer()
         self.in_features, self.out_features = base.in_features, base.out_features
+        if isinstance(self, nn.Module):
+            self._register_load_state_dict_pre_hook(_mark_loaded, with_module=True)
 
     @property
     def numel(self) -> int:
@@ -64,23 +77,27 @@ class SparseOPDLayer(BaseTunerLayer):
         inference_mode: bool = False,
         grad_path: str = "auto",
         block_bytes: int = 64 * 2**20,
+        fingerprint: Optional[dict] = None,
     ) -> None:
         """Create adapter ``adapter_name``.
 
         Args:
             indices: validated sorted flat int64 indices (nnz,), or None to allocate a placeholder of length ``nnz``
-                that ``load_state_dict`` fills (loading a saved adapter).
+                that ``load_state_dict`` fills (loading a saved adapter); until then the adapter refuses to run.
             nnz: number of coordinates when ``indices`` is None.
             basis: fixed (in, r) float basis, or None for a placeholder of rank ``rank`` (or no subspace if 0).
             init_weights: zeros (identity adapter) when True, small random values otherwise.
+            grad_path / block_bytes: this adapter's backward settings (see :class:`SparseOPDConfig`).
+            fingerprint: the base weight's fingerprint recorded for this adapter (saved in its metadata).
         """
+        pending = False
         weight = self.get_base_layer().weight
         device = weight.device if weight.device.type != "meta" else torch.device("cpu")
         if indices is not None:
             nnz = int(indices.numel())
         if nnz:
             if indices is None:
-                indices = torch.zeros(nnz, dtype=torch.long)
+                indices, pending = torch.zeros(nnz, dtype=torch.long), True
             self.sparse_opd_indices[adapter_name] = indices.to(device=device, dtype=index_dtype(self.numel))
             values = torch.zeros(nnz, dtype=torch.float32, device=device)
             if not init_weights:
@@ -90,7 +107,7 @@ class SparseOPDLayer(BaseTunerLayer):
             rank = int(basis.shape[1])
         if rank:
             if basis is None:
-                basis = torch.zeros(self.in_features, rank)
+                basis, pending = torch.zeros(self.in_features, rank), True
             self.sparse_opd_basis[adapter_name] = basis.to(device=device, dtype=torch.float32).contiguous()
             coeff = torch.zeros(self.out_features, rank, dtype=torch.float32, device=device)
             if not init_weights:
@@ -98,6 +115,13 @@ class SparseOPDLayer(BaseTunerLayer):
             self.sparse_opd_coeff[adapter_name] = nn.Parameter(coeff)
         self.sparse_opd_grad_path[adapter_name] = grad_path
         self.sparse_opd_block_bytes[adapter_name] = block_bytes
+        self.sparse_opd_fingerprint[adapter_name] = dict(
+            fingerprint or {"shape": [self.out_features, self.in_features]}
+        )
+        if pending:
+            self._sparse_opd_pending.add(adapter_name)
+        else:
+            self._sparse_opd_pending.discard(adapter_name)
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
@@ -120,13 +144,24 @@ class SparseOPDLayer(BaseTunerLayer):
                 dtype = weight.dtype if float_base else param.dtype
                 container[adapter_name] = nn.Parameter(param.data.to(target, dtype=dtype), param.requires_grad)
 
+    def _check_loaded(self, adapter_name: str) -> None:
+        if adapter_name in self._sparse_opd_pending:
+            raise ValueError(
+                f"module '{self.module_name}': adapter '{adapter_name}' was built from adapter metadata alone "
+                "(module_nnz / module_rank, as in adapter_config.json, with no mask) and its coordinates were never "
+                "loaded; load it with PeftModel.from_pretrained(base, DIR) / model.load_adapter(DIR, adapter_name), "
+                "or build it from a config that has mask= / subspace= / target_modules="
+            )
+
     def _delta_parts(self, adapter_names: list[str]) -> tuple[tuple[DeltaSpec, ...], tuple[torch.Tensor, ...]]:
         specs, tensors = [], []
         for name in adapter_names:
             sparse, sub = name in self.sparse_opd_values, name in self.sparse_opd_coeff
             if not (sparse or sub):
                 continue
-            specs.append(DeltaSpec(sparse, sub))
+            self._check_loaded(name)
+            path = self.sparse_opd_grad_path.get(name, "auto")
+            specs.append(DeltaSpec(sparse, sub, path, self.sparse_opd_block_bytes.get(name, 64 * 2**20)))
             if sparse:
                 tensors += [self.sparse_opd_values[name], self.sparse_opd_indices[name]]
             if sub:
@@ -162,18 +197,51 @@ class SparseOPDLayer(BaseTunerLayer):
         that survived requantization (bitsandbytes bases).
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [n for n in adapter_names if n in self.sparse_opd_values or n in self.sparse_opd_coeff]
+        self.check_merge(adapter_names)  # always (safe_merge or not): a non-finite merge writes nothing
         base = self.get_base_layer()
         for name in adapter_names:
-            if name not in self.sparse_opd_values and name not in self.sparse_opd_coeff:
-                continue
             delta = self.get_delta_weight(name)
-            if safe_merge and not torch.isfinite(delta).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
             if bnb.quantized_kind(base) is not None:
                 self._merge_quantized(name, base, delta)
             else:
                 self._merge_dense(name, base, delta)
             self.merged_adapters.append(name)
+
+    def check_merge(self, adapter_names: list[str]) -> None:
+        """Raise ``ValueError`` (naming the module, the adapter and the fix) if merging ``adapter_names`` in turn
+        would write a non-finite weight entry that was finite before: NaN / inf adapter values, or a sum that
+        overflows the weight's dtype (float16: |W + ΔW| > 65504). Nothing is modified."""
+        base = self.get_base_layer()
+        quantized = bnb.quantized_kind(base) is not None
+        work = bnb.dequantize(base) if quantized else base.weight.detach()
+        for name in adapter_names:
+            if name not in self.sparse_opd_values and name not in self.sparse_opd_coeff:
+                continue
+            delta = self.get_delta_weight(name).to(work.device)
+            new = work.to(accumulate_dtype(work.dtype)) + delta
+            new = new if quantized else new.to(work.dtype)
+            bad = ~torch.isfinite(new) & torch.isfinite(work)
+            if bool(bad.any()):
+                count = int(bad.sum())
+                if not bool(torch.isfinite(delta).all()):
+                    why = "the adapter's values are NaN / inf (training diverged); retrain or drop this adapter"
+                else:
+                    why = (
+                        f"W + ΔW overflows {work.dtype} (largest finite value {torch.finfo(work.dtype).max:g}); "
+                        "merge into a float32 copy of the base (model.float()) or keep the adapter unmerged"
+                    )
+                raise ValueError(
+                    f"merging adapter '{name}' into module '{self.module_name}' would write {count} non-finite weight "
+                    f"entr{'y' if count == 1 else 'ies'}: {why}. Nothing was merged; the weights are unchanged"
+                )
+            work = new
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """peft's ``delete_adapter`` plus this layer's own per-adapter records (merge report, pending loads)."""
+        super().delete_adapter(adapter_name)
+        self.last_merge_report.pop(adapter_name, None)
+        self._sparse_opd_pending.discard(adapter_name)
 
     def _merge_dense(self, name: str, base: nn.Module, delta: torch.Tensor) -> None:
         weight = base.weight
@@ -232,12 +300,34 @@ class SparseOPDLayer(BaseTunerLayer):
                 base.weight.data.view(-1)[coords] = backup
 
 
+def _mark_loaded(module: SparseOPDLayer, state_dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook: an adapter whose coordinates (and basis) are in ``state_dict`` is loaded."""
+    for name in list(module._sparse_opd_pending):
+        has_idx = name not in module.sparse_opd_values or f"{prefix}sparse_opd_indices.{name}" in state_dict
+        has_basis = name not in module.sparse_opd_coeff or f"{prefix}sparse_opd_basis.{name}" in state_dict
+        if has_idx and has_basis:
+            module._sparse_opd_pending.discard(name)
+
+
+def _warn_about_base_layer_hooks(layer: SparseOPDLayer) -> None:
+    """Warn (once per layer) that hooks on a plain Linear base layer do not run: the adapter computes
+    ``x (W + ΔW)ᵀ + b`` from the base layer's weight without calling it (as peft's SHiRA does)."""
+    base = layer.get_base_layer()
+    if any((base._forward_hooks, base._forward_pre_hooks, base._backward_hooks, base._backward_pre_hooks)):
+        warnings.warn(
+            f"module '{layer.module_name}': its base layer has forward / backward (pre) hooks, which the SparseOPD "
+            "adapter does not run (it computes x (W + ΔW)ᵀ + b from the base weight without calling the base layer); "
+            "register the hooks on the adapted module instead (the same path, after get_peft_model)",
+            stacklevel=3,
+        )
+
+
 class Linear(nn.Module, SparseOPDLayer):
     """Sparse OPD adapter around ``torch.nn.Linear`` or a bitsandbytes ``Linear8bitLt`` / ``Linear4bit``."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, **kwargs) -> None:
+    def __init__(self, base_layer: nn.Module, adapter_name: str, module_name: str = "", **kwargs) -> None:
         super().__init__()
-        SparseOPDLayer.__init__(self, base_layer)
+        SparseOPDLayer.__init__(self, base_layer, module_name=module_name)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, **kwargs)
 
@@ -252,15 +342,16 @@ class Linear(nn.Module, SparseOPDLayer):
         specs, tensors = self._delta_parts(list(self.active_adapters))
         if not specs:
             return self.base_layer(x, *args, **kwargs)
-        first = next(a for a in self.active_adapters if a in self.sparse_opd_grad_path)
-        path, block = self.sparse_opd_grad_path[first], self.sparse_opd_block_bytes[first]
         base = self.get_base_layer()
         shape = (self.out_features, self.in_features)
-        if bnb.quantized_kind(base) is not None:
+        if bnb.quantized_kind(base) is not None:  # the base layer runs (its hooks too); the delta is added
             result = self.base_layer(x, *args, **kwargs)
             delta_in = x.to(result.dtype) if x.dtype != result.dtype else x
-            return result + sparse_delta_linear(delta_in, None, None, specs, tensors, shape, path, block)
-        return sparse_delta_linear(x, base.weight, base.bias, specs, tensors, shape, path, block)
+            return result + sparse_delta_linear(delta_in, None, None, specs, tensors, shape)
+        if not self._sparse_opd_hooks_checked:
+            self._sparse_opd_hooks_checked = True
+            _warn_about_base_layer_hooks(self)
+        return sparse_delta_linear(x, base.weight, base.bias, specs, tensors, shape)
 
     def __repr__(self) -> str:
         return "sparse_opd." + super().__repr__()

@@ -10,10 +10,9 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..visibility import visibility_summary
-from .config import RUNTIME_ONLY_FIELDS
 from .layer import Linear, SparseOPDLayer
-from .plan import build_plan
-from .storage import pack_coordinates, unpack_coordinates
+from .plan import build_plan, summarize_metadata
+from .storage import pack_coordinates
 
 _SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KEYS = ("sparse_opd_values", "sparse_opd_indices", "sparse_opd_bitmask", "sparse_opd_coeff", "sparse_opd_basis")
@@ -54,6 +53,25 @@ def bf16_visibility(model: nn.Module, adapter_name: Optional[str] = None) -> dic
     return visibility_summary(rows)
 
 
+def refresh_metadata(model: nn.Module, config, adapter_name: str) -> None:
+    """Set ``config``'s ``module_nnz`` / ``module_rank`` / ``module_shapes`` / ``fingerprint`` / densities from the
+    SparseOPD layers of ``model`` that hold ``adapter_name`` (no-op when there are none, e.g. a bare state dict)."""
+    shapes, nnz, rank, fingerprints = {}, {}, {}, {}
+    for layer in (m for m in model.modules() if isinstance(m, SparseOPDLayer)):
+        fp = layer.sparse_opd_fingerprint.get(adapter_name)
+        if fp is None:
+            continue
+        name = layer.module_name
+        shapes[name], fingerprints[name] = [layer.out_features, layer.in_features], fp
+        if adapter_name in layer.sparse_opd_indices:
+            nnz[name] = int(layer.sparse_opd_indices[adapter_name].numel())
+        if adapter_name in layer.sparse_opd_basis:
+            rank[name] = int(layer.sparse_opd_basis[adapter_name].shape[1])
+    if shapes:
+        for key, value in summarize_metadata(shapes, nnz, rank, fingerprints).items():
+            setattr(config, key, value)
+
+
 class SparseOPDModel(BaseTuner):
     """peft tuner for :class:`~sparse_opd_peft.SparseOPDConfig` (use through ``peft.get_peft_model``)."""
 
@@ -62,28 +80,50 @@ class SparseOPDModel(BaseTuner):
     target_module_mapping: dict = {}
 
     # ------------------------------------------------------------------ injection
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: Optional[dict[str, torch.Tensor]] = None,
+    ) -> None:
+        """peft's ``inject_adapter``, with the plan (coordinates and bases per module) built and validated against
+        ``model`` first, so bad input raises before any module is replaced. The config's inputs are only read; its
+        metadata fields are (re)derived from ``model`` once the adapter is in place (see :func:`build_plan`)."""
+        config = self.peft_config[adapter_name]
+        plan, meta = build_plan(config, model)
+        self._sparse_opd_plan = (plan, meta.get("fingerprint", {}))
+        try:
+            super().inject_adapter(
+                model,
+                adapter_name,
+                autocast_adapter_dtype=autocast_adapter_dtype,
+                low_cpu_mem_usage=low_cpu_mem_usage,
+                state_dict=state_dict,
+            )
+        finally:
+            self._sparse_opd_plan = None
+        for key, value in meta.items():
+            setattr(config, key, value)
+
     def _prepare_adapter_config(self, peft_config, model_config: dict):
         return peft_config
 
-    def _prepare_model(self, peft_config, model: nn.Module) -> None:
-        """Validate mask / subspace / fingerprint against ``model``; only then record metadata on the config."""
-        plan, meta = build_plan(peft_config, model)
-        for key, value in meta.items():
-            setattr(peft_config, key, value)
-        peft_config.target_modules = sorted(plan)
-        for field_name in RUNTIME_ONLY_FIELDS:
-            setattr(peft_config, field_name, None)
-        peft_config._sparse_opd_plan = plan
-
-    @staticmethod
-    def _check_target_module_exists(peft_config, key: str) -> bool:
-        plan = getattr(peft_config, "_sparse_opd_plan", None)
-        if plan is not None:
-            return key in plan
+    def _check_target_module_exists(self, peft_config, key: str) -> bool:
+        planned = getattr(self, "_sparse_opd_plan", None)
+        if planned is not None:
+            return key in planned[0]
         return BaseTuner._check_target_module_exists(peft_config, key)
 
     def _create_and_replace(self, peft_config, adapter_name, target, target_name, parent, current_key):
-        entry = peft_config._sparse_opd_plan[current_key]
+        plan, fingerprints = getattr(self, "_sparse_opd_plan", None) or ({}, {})
+        if current_key not in plan:
+            raise ValueError(
+                f"module '{current_key}' is not in the SparseOPD adapter '{adapter_name}' (its mask / subspace / "
+                "module_nnz); a state_dict passed for injection must name the adapter's own modules only"
+            )
+        entry = plan[current_key]
         kwargs = {
             "indices": entry.indices,
             "nnz": entry.nnz,
@@ -93,22 +133,41 @@ class SparseOPDModel(BaseTuner):
             "inference_mode": peft_config.inference_mode,
             "grad_path": peft_config.grad_path,
             "block_bytes": peft_config.grad_block_bytes,
+            "fingerprint": fingerprints.get(current_key),
         }
         if isinstance(target, SparseOPDLayer):
             target.update_layer(adapter_name, **kwargs)
             return
-        new_module = Linear(target, adapter_name, **kwargs)
+        new_module = Linear(target, adapter_name, module_name=current_key, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    def _post_injection_hook(self, model: nn.Module, config, adapter_name: str) -> None:
-        config.__dict__.pop("_sparse_opd_plan", None)  # free the indices held by the plan
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "linear"
+    ) -> None:
+        """Add adapter ``adapter_name`` with ``ΔW = Σ_i weights[i] · ΔW_{adapters[i]}``, exactly.
+
+        Per module, the new adapter's coordinates are the union of the adapters' coordinates (``values`` of float32,
+        summed where coordinates are shared) and, where adapters have subspaces, its basis is theirs side by side
+        (in, Σ r_i) with ``coeff`` (out, Σ r_i) = their coefficients scaled by the weights. Like peft's LoRA, the new
+        adapter is added inactive; ``model.set_adapter(adapter_name)`` uses it.
+
+        Raises:
+            ValueError: unknown or non-SparseOPD adapters, a name in use, ``len(weights) != len(adapters)``,
+                non-finite weights, a ``combination_type`` other than ``"linear"``, adapters with ``modules_to_save``.
+        """
+        from .combine import combine_adapters
+
+        combine_adapters(self, list(adapters), list(weights), adapter_name, combination_type)
 
     # ------------------------------------------------------------------ save / load
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Pack coordinates (bitmask when density >= 1/32, else int32) and cast values to ``config.save_dtype``."""
+        """Pack coordinates (bitmask when density >= 1/32, else int32) and cast values to ``config.save_dtype``.
+        First the config's metadata is re-derived from this model's layers (:func:`refresh_metadata`), so the
+        ``adapter_config.json`` written next describes this adapter even when its config object built others."""
+        refresh_metadata(model, config, adapter_name)
         raw = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         save_dtype = _SAVE_DTYPES[config.save_dtype]
         out = {}
@@ -126,10 +185,17 @@ class SparseOPDModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Unpack and validate coordinates before peft maps the keys onto the model."""
-        return super()._remap_adapter_state_dict_for_load(
-            model, config, adapter_name, unpack_state_dict(config, state_dict)
-        )
+        """Check every tensor of the file (names, shapes, dtypes, finiteness, coordinates; no base weights) and
+        decode the coordinates before peft maps the keys onto the model. On error the adapter this load injected is
+        removed again, so the base model is left unwrapped (:func:`.files.undo_fresh_adapter`)."""
+        from .files import check_loaded_state, undo_fresh_adapter
+
+        try:
+            decoded = check_loaded_state(model, config, adapter_name, state_dict)
+        except (ValueError, TypeError):
+            undo_fresh_adapter(model, adapter_name)
+            raise
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, decoded)
 
     # ------------------------------------------------------------------ reports and merging
     def bf16_visibility(self, adapter_name: Optional[str] = None) -> dict:
@@ -163,9 +229,18 @@ class SparseOPDModel(BaseTuner):
         self.last_merge_report = report
         return report
 
+    def _check_merge(self, layers: dict[str, SparseOPDLayer], adapter_names: Optional[list[str]]) -> None:
+        """Check every layer before any layer merges: a merge that would write NaN / inf anywhere (NaN values, a
+        float16 overflow) raises ``ValueError`` naming the module and the fix, and no weight is touched."""
+        for layer in layers.values():
+            names = adapter_names if adapter_names is not None else layer.active_adapters
+            layer.check_merge([n for n in names if n not in layer.merged_adapters])
+
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        """peft's ``merge_adapter`` plus a visibility / requantization report (warns when most of a delta is lost)."""
+        """peft's ``merge_adapter`` plus a visibility / requantization report (warns when most of a delta is lost).
+        Non-finite results are refused up front, with or without ``safe_merge`` (see :meth:`_check_merge`)."""
         layers = self._sparse_layers()
+        self._check_merge(layers, adapter_names)
         for layer in layers.values():
             layer.last_merge_report = {}
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
@@ -173,6 +248,8 @@ class SparseOPDModel(BaseTuner):
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         layers = self._sparse_layers()
+        if merge:
+            self._check_merge(layers, adapter_names)
         for layer in layers.values():
             layer.last_merge_report = {}
         model = super()._unload_and_optionally_merge(
@@ -184,41 +261,20 @@ class SparseOPDModel(BaseTuner):
 
 
 def unpack_state_dict(config, state_dict: dict[str, torch.Tensor], source: str = "adapter_model.safetensors") -> dict:
-    """Decode a saved adapter state dict: bitmask / int32 coordinates -> validated ``sparse_opd_indices`` tensors.
+    """Check a saved adapter state dict against ``config`` and decode its bitmask / int32 coordinates into
+    ``sparse_opd_indices`` tensors (see :func:`.storage.decode_adapter_state` for every check).
 
-    Checks, per module of ``config.module_nnz``: coordinates present, in range, sorted, unique, count == nnz, and
-    ``values`` of length nnz. Raises ``ValueError`` naming ``source`` and the module.
+    Args:
+        config: the adapter's ``SparseOPDConfig``.
+        state_dict: ``{key: tensor}`` of ``adapter_model.safetensors``: ``values`` (nnz,) and ``coeff`` (out, r) in
+            ``save_dtype``, ``basis`` (in, r) float, coordinates as ``uint8`` bitmask or ``int32`` indices.
+        source: the file, for error messages.
+
+    Raises:
+        ValueError / TypeError: naming ``source`` and the module.
     """
-    out, seen = {}, set()
-    values_len = {}
-    for key, value in state_dict.items():
-        module, param, rest = _split_key(key)
-        if param in ("sparse_opd_bitmask", "sparse_opd_indices"):
-            name = _module_name(module)
-            if name not in config.module_shapes:
-                raise ValueError(f"{source}: coordinates for module '{name}', which the adapter config does not list")
-            out_f, in_f = config.module_shapes[name]
-            kind = "bitmask" if param == "sparse_opd_bitmask" else "indices"
-            idx = unpack_coordinates(kind, value, out_f * in_f, f"{source} module '{name}'")
-            expected = int(config.module_nnz.get(name, -1))
-            if idx.numel() != expected:
-                raise ValueError(
-                    f"{source} module '{name}': {idx.numel()} coordinates but adapter_config.json says {expected}; "
-                    "the file and its config do not belong together"
-                )
-            out[f"{module}.sparse_opd_indices{rest}"] = idx.to(torch.int32 if out_f * in_f < 2**31 else torch.int64)
-            seen.add(name)
-        else:
-            if param == "sparse_opd_values":
-                values_len[_module_name(module)] = int(value.numel())
-            out[key] = value
-    for name, nnz in config.module_nnz.items():
-        if name not in seen:
-            raise ValueError(
-                f"{source}: no coordinates for module '{name}'; the file is incomplete, re-save the adapter"
-            )
-        if values_len.get(name) != nnz:
-            raise ValueError(
-                f"{source} module '{name}': values has length {values_len.get(name)} but the mask has {nnz} coordinates"
-            )
-    return out
+    from .files import check_adapter_metadata
+    from .storage import decode_adapter_state
+
+    check_adapter_metadata(config, "adapter_config.json")
+    return decode_adapter_state(config, state_dict, source)

@@ -57,29 +57,43 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def build_plan(config, model: nn.Module) -> tuple[dict[str, ModulePlan], dict]:
-    """Validate ``config`` against ``model`` and return ``(plan, metadata_updates)``; raises before any change.
+    """Validate ``config`` against ``model`` and return ``(plan, metadata)``; raises before any change and only
+    reads ``config``.
+
+    Two kinds of config, decided by its content:
+
+    * inputs: ``mask`` (a mask, or ``ALL_COORDINATES`` for every coordinate of ``target_modules``) and / or
+      ``subspace``: their modules, narrowed by ``target_modules`` / ``exclude_modules``; any metadata the config
+      carries from an earlier use is ignored and derived afresh from ``model``;
+    * no inputs, the metadata of a saved adapter (``module_nnz`` / ``module_rank``, as in ``adapter_config.json``):
+      placeholders that the adapter file fills (the layers refuse to run until it has), after the base-model
+      fingerprint check.
 
     Raises:
         ValueError / TypeError: unknown module, non-Linear module, wrong mask or basis shape, non-finite basis,
-            empty mask, fingerprint mismatch (each names the module and the fix).
+            empty mask, tied weights, fingerprint mismatch (each names the module and the fix).
     """
     from ..masks import SparseMask  # lazy: masks imports tuner.storage
+    from .config import AllCoordinates
 
     modules = dict(model.named_modules())
     loading = config.mask is None and config.subspace is None
-    if loading and not (config.module_nnz or config.module_rank):
+    if loading and not config.has_metadata():
         raise ValueError(
-            "SparseOPDConfig needs `mask=` (a SparseMask, {module_name: bool tensor} or a path) and/or `subspace=`"
+            "SparseOPDConfig needs `mask=` (a SparseMask, {module_name: bool tensor} or a path) and/or `subspace=`, "
+            "or `target_modules=` to train every coordinate of those Linear modules"
         )
     plan: dict[str, ModulePlan] = {}
     meta: dict = {}
     if loading:
         for name in sorted(set(config.module_nnz) | set(config.module_rank)):
-            plan[name] = ModulePlan(
-                None, int(config.module_nnz.get(name, 0)), None, int(config.module_rank.get(name, 0))
-            )
+            nnz, rank = int(config.module_nnz.get(name, 0)), int(config.module_rank.get(name, 0))
+            plan[name] = ModulePlan(None, nnz, None, rank)
     else:
-        mask = SparseMask.coerce(config.mask) if config.mask is not None else None
+        if isinstance(config.mask, AllCoordinates):
+            mask = _dense_mask(config, modules)
+        else:
+            mask = SparseMask.coerce(config.mask) if config.mask is not None else None
         if mask is not None and config.exclude is not None:
             mask = _apply_exclude(mask, SparseMask.coerce(config.exclude))
         basis = load_subspace_arg(config.subspace) if config.subspace is not None else {}
@@ -96,9 +110,54 @@ def build_plan(config, model: nn.Module) -> tuple[dict[str, ModulePlan], dict]:
         meta["mask_metadata"] = dict(mask.metadata) if mask is not None else {}
         if isinstance(config.mask, (str, os.PathLike)):
             meta["mask_metadata"].setdefault("path", os.fspath(config.mask))
-    _validate_against_model(plan, modules, mask if not loading else None)
+    _validate_against_model(plan, modules, None if loading else mask)
+    _check_tied_weights(plan, model, modules)
     meta.update(_metadata(config, plan, modules, loading))
     return plan, meta
+
+
+def _dense_mask(config, modules: dict[str, nn.Module]):
+    """Every coordinate of the modules ``config.target_modules`` matches (outside existing adapter layers)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from ..masks import SparseMask
+
+    inner = tuple(f"{n}." for n, m in modules.items() if n and isinstance(m, BaseTunerLayer))
+    entries = {}
+    for name, module in modules.items():
+        if not name or name.startswith(inner) or not _matches(config.target_modules, name):
+            continue
+        base = _base_linear(module)
+        if not _is_linear(base):
+            raise ValueError(
+                f"target_modules={config.target_modules!r} matches module '{name}', a {type(base).__name__}; "
+                "SparseOPD adapts Linear layers only: narrow target_modules"
+            )
+        shape = (base.out_features, base.in_features)
+        entries[name] = (shape, torch.arange(shape[0] * shape[1]))
+    if not entries:
+        raise ValueError(f"target_modules={config.target_modules!r} matches no module of the model")
+    return SparseMask.from_indices(entries, {"rule": "all coordinates", "target_modules": config.target_modules})
+
+
+def _check_tied_weights(plan: dict[str, ModulePlan], model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Refuse modules whose weight is shared with another module (e.g. ``lm_head`` tied to ``embed_tokens``): a
+    merge writes into the shared tensor and would change the other module too."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for name in plan:
+        weight = getattr(_base_linear(modules[name]), "weight", None)
+        others = [
+            o for o in owners.get(id(weight), []) if o.removesuffix(".weight") not in (name, f"{name}.base_layer")
+        ]
+        if others:
+            other = others[0].removesuffix(".weight")
+            raise ValueError(
+                f"module '{name}' shares its weight with '{other}' (tied weights, tie_word_embeddings=True): merging "
+                f"the adapter would also change '{other}'. Drop '{name}' from the mask / target_modules, or untie the "
+                "weights first (load the model with tie_word_embeddings=False and give it its own copy of the weight)"
+            )
 
 
 def _excluded(config, name: str) -> bool:
@@ -176,7 +235,7 @@ def _metadata(config, plan: dict[str, ModulePlan], modules: dict[str, nn.Module]
         quantized = bnb.quantized_kind(base) is not None
         fp = weight_fingerprint(base.weight, full=config.fingerprint_full and not quantized)
         fp["shape"] = shapes[name]
-        expected = config.fingerprint.get(name)
+        expected = config.fingerprint.get(name) if loading else None
         if expected and config.check_fingerprint:
             if quantized:
                 expected = {"shape": expected.get("shape")}
@@ -192,11 +251,20 @@ def _metadata(config, plan: dict[str, ModulePlan], modules: dict[str, nn.Module]
                     "load the matching base model, or pass check_fingerprint=False "
                     "(PeftModel.from_pretrained(..., config=...) / SparseOPDConfig) to load it anyway"
                 )
-        fingerprints[name] = expected if (expected and loading) else fp
+        fingerprints[name] = config.fingerprint.get(name) if (loading and config.fingerprint.get(name)) else fp
     if loading:
         return {"module_shapes": shapes, "fingerprint": fingerprints}
     nnz = {n: p.nnz for n, p in plan.items() if p.nnz}
     rank = {n: p.rank for n, p in plan.items() if p.rank}
+    return summarize_metadata(shapes, nnz, rank, fingerprints)
+
+
+def summarize_metadata(
+    shapes: dict[str, list[int]], nnz: dict[str, int], rank: dict[str, int], fingerprints: dict[str, dict]
+) -> dict:
+    """The metadata fields of a ``SparseOPDConfig`` from per-module weight shapes ``[out, in]``, coordinate counts,
+    subspace ranks and fingerprints: those four plus ``density`` (overall, over the masked modules) and
+    ``density_by_type`` (per module type)."""
     total = sum(shapes[n][0] * shapes[n][1] for n in nnz) or 1
     by_type = {}
     for kind in MODULE_TYPES:
@@ -205,10 +273,10 @@ def _metadata(config, plan: dict[str, ModulePlan], modules: dict[str, nn.Module]
         if numel:
             by_type[kind] = sum(nnz[n] for n in names) / numel
     return {
-        "module_nnz": nnz,
-        "module_rank": rank,
-        "module_shapes": shapes,
-        "fingerprint": fingerprints,
+        "module_nnz": dict(sorted(nnz.items())),
+        "module_rank": dict(sorted(rank.items())),
+        "module_shapes": dict(sorted(shapes.items())),
+        "fingerprint": dict(sorted(fingerprints.items())),
         "density": sum(nnz.values()) / total if nnz else None,
         "density_by_type": by_type,
     }

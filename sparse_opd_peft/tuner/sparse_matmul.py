@@ -31,10 +31,13 @@ _GATHER_CHUNK_ELEMS = 2**22
 
 @dataclass(frozen=True)
 class DeltaSpec:
-    """Static description of one adapter's delta: whether it has sparse values and/or a subspace term."""
+    """Static description of one adapter's delta: whether it has sparse values and/or a subspace term, and this
+    adapter's own backward settings for ``d values`` (None: the call's ``grad_path`` / ``block_bytes``)."""
 
     sparse: bool
     subspace: bool
+    grad_path: str | None = None
+    block_bytes: int | None = None
 
 
 def dense_delta(
@@ -184,7 +187,9 @@ class SparseDeltaLinear(torch.autograd.Function):
                 if spec.sparse:
                     values, indices = tensors[pos], tensors[pos + 1]
                     if ctx.needs_input_grad[k]:
-                        g = values_grad(dy32, x32, indices, in_features, ctx.grad_path, ctx.block_bytes)
+                        path = spec.grad_path or ctx.grad_path
+                        block = spec.block_bytes or ctx.block_bytes
+                        g = values_grad(dy32, x32, indices, in_features, path, block)
                         grads_tensors[pos] = g.to(values.dtype)
                     pos, k = pos + 2, k + 2
                 if spec.subspace:
@@ -215,10 +220,10 @@ def sparse_delta_linear(
         x: input activations (..., in), any float dtype; the output has the same dtype.
         weight: frozen base weight (out, in), or None to compute ``x ΔWᵀ`` only.
         bias: (out,) or None.
-        specs: one :class:`DeltaSpec` per adapter.
+        specs: one :class:`DeltaSpec` per adapter (each may carry its own ``grad_path`` / ``block_bytes``).
         tensors: flat ``(values (nnz,), indices (nnz,) int)?, (coeff (out, r), basis (in, r))?`` per spec.
         shape: (out, in).
-        grad_path: ``"auto" | "dense_rows" | "gather"`` for the values' gradient.
-        block_bytes: bound of one dense row block in backward.
+        grad_path: ``"auto" | "dense_rows" | "sampled" | "gather"`` for the values' gradient of specs without one.
+        block_bytes: bound of one dense row block in backward, for specs without one.
     """
     return SparseDeltaLinear.apply(x, weight, bias, specs, grad_path, block_bytes, shape[0], shape[1], *tensors)
