@@ -90,7 +90,7 @@ def main() -> None:
     ap.add_argument("--task", default="add")
     ap.add_argument("--loss", default="full_kl")
     ap.add_argument("--steps", type=int, default=250)
-    ap.add_argument("--lr", type=float, default=2e-3, help="the demo's learning rate")
+    ap.add_argument("--lr", type=float, default=1e-3, help="the demo's learning rate")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--densities", type=float, nargs="+", default=[0.05, 0.2, 0.45])
     ap.add_argument("--eval-samples", type=int, default=2000)

@@ -36,14 +36,15 @@ def test_shipped_world_loads_without_training(world):
 
 
 def test_recorded_accuracies_hold_on_this_machine(world):
-    """The build record's accuracies (2000 held-out prompts per task) re-measured on the first 400: the student
-    anchor within 4 points (sampling error of 400 prompts at p <= 0.5 has std <= 2.5 points), the teacher >= 99 %."""
+    """The build record's held-out accuracies, re-measured here on the same 2000 prompts per task: equal up to
+    2 prompts (a last-bit difference of another CPU may flip an argmax on a near-tie)."""
     for task in world.recipe.tasks:
-        teacher = heldout_accuracy(world.teacher, world, task, n=400)
-        student = heldout_accuracy(world.student, world, task, n=400)
-        assert teacher >= 0.99, (task, teacher)
-        assert teacher >= world.accuracies["teacher"][task] - 0.01
-        assert abs(student - world.accuracies["student"][task]) <= 0.04, (task, student, world.accuracies)
+        n = world.recipe.n_heldout
+        for role, model in (("teacher", world.teacher), ("student", world.student)):
+            measured = heldout_accuracy(model, world, task, n=n)
+            assert abs(measured - world.accuracies[role][task]) <= 2 / n, (role, task, measured, world.accuracies)
+    assert min(world.accuracies["teacher"].values()) >= 0.99
+    assert 0.15 <= world.accuracies["student"]["add"] <= 0.35  # a weak anchor with room for a 50-point gain
 
 
 def test_changed_world_file_is_refused(tmp_path):

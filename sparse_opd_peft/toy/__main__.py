@@ -1,10 +1,10 @@
 """``python -m sparse_opd_peft.toy``: show the shipped toy world, or rebuild a world from a recipe.
 
-    python -m sparse_opd_peft.toy                      # the shipped world: key, record, accuracies (trains nothing)
-    python -m sparse_opd_peft.toy --reevaluate         # ... and re-measure its held-out accuracies here
-    python -m sparse_opd_peft.toy --rebuild            # train the shipped recipe again; both worlds side by side
-    python -m sparse_opd_peft.toy --rebuild --export DIR   # ... and copy the rebuilt world to DIR (shipped layout)
-    python -m sparse_opd_peft.toy --tiny               # build the seconds-long test recipe
+python -m sparse_opd_peft.toy                      # the shipped world: key, record, accuracies (trains nothing)
+python -m sparse_opd_peft.toy --reevaluate         # ... and re-measure its held-out accuracies here
+python -m sparse_opd_peft.toy --rebuild            # train the shipped recipe again; both worlds side by side
+python -m sparse_opd_peft.toy --rebuild --export DIR   # ... and copy the rebuilt world to DIR (shipped layout)
+python -m sparse_opd_peft.toy --tiny               # build the seconds-long test recipe
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ def _accuracies(world: ToyWorld, reevaluate: bool) -> dict[str, dict[str, float]
     if not reevaluate:
         return world.accuracies
     return {
-        role: {name: evaluate_accuracy(model, world.tokenizer, world.datasets[name]["heldout"], name) for name in world.tasks}
+        role: {
+            name: evaluate_accuracy(model, world.tokenizer, world.datasets[name]["heldout"], name)
+            for name in world.tasks
+        }
         for role, model in (("teacher", world.teacher), ("student", world.student))
     }
 
@@ -37,7 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rebuild", action="store_true", help="train the shipped world's recipe again (minutes)")
     parser.add_argument("--tiny", action="store_true", help="build ToyRecipe.tiny() (seconds, low accuracy)")
     parser.add_argument("--seed", type=int, default=None, help="with --rebuild / --tiny: another recipe seed")
-    parser.add_argument("--cache-dir", default=None, help=f"cache root of built worlds (default: {default_cache_dir()})")
+    parser.add_argument(
+        "--cache-dir", default=None, help=f"cache root of built worlds (default: {default_cache_dir()})"
+    )
     parser.add_argument("--export", default=None, help="copy the built world to this directory (must not exist)")
     parser.add_argument("--reevaluate", action="store_true", help="re-measure held-out accuracy here")
     parser.add_argument("--no-progress", action="store_true")

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -77,7 +76,7 @@ class ToyRecipe:
         default_factory=lambda: ModelSpec(128, 4, 4, 2, 32, 512, steps=1200, lr=1e-3, warmup_steps=50)
     )
     student: ModelSpec = field(
-        default_factory=lambda: ModelSpec(64, 2, 4, 2, 16, 256, steps=650, lr=1e-3, warmup_steps=50, decay_steps=2000)
+        default_factory=lambda: ModelSpec(64, 2, 4, 2, 16, 256, steps=675, lr=1e-3, warmup_steps=50, decay_steps=2000)
     )
     num_threads: int = 1
 
@@ -206,6 +205,7 @@ class ToyWorld:
     def shipped(self) -> bool:
         """True when this is the world that ships with the package."""
         return self.path.resolve() == SHIPPED_WORLD_DIR
+
     @property
     def teacher_path(self) -> Path:
         """Directory of the saved teacher (``from_pretrained``-loadable)."""

@@ -168,9 +168,18 @@ class SparseOPDConfig(PeftConfig):
         file next to it *before* peft touches the base model: a missing, truncated or corrupt
         ``adapter_model.safetensors``, bad coordinates, another peft method or a newer ``format_version`` raise
         ``ValueError`` / ``FileNotFoundError`` naming the source and the fix, and the base model stays unwrapped."""
-        from .files import describe_hub_miss, locate_adapter_weights, validate_adapter_file
+        from .files import (
+            check_adapter_config_fields,
+            describe_hub_miss,
+            locate_adapter_weights,
+            read_adapter_config_json,
+            validate_adapter_file,
+        )
 
         source = os.fspath(pretrained_model_name_or_path)
+        local = os.path.join(source, subfolder or "", "adapter_config.json")
+        if os.path.isfile(local):  # the raw JSON fields first: a clear error instead of a traceback
+            check_adapter_config_fields(read_adapter_config_json(local), local)
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except ValueError as err:
