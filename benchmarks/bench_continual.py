@@ -125,7 +125,7 @@ class Bench:
     """The benchmark's runs, each cached as ``<work>/<name>.json`` (artifacts in ``<work>/<name>/``)."""
 
     def __init__(self, args: argparse.Namespace):
-        from sparse_opd_peft.toy import ToyRecipe, ToyRunConfig, build_world
+        from sparse_opd_peft.lab.toy import ToyRecipe, ToyRunConfig, build_world
 
         self.args = args
         recipe = ToyRecipe.tiny() if args.tiny else None
@@ -150,7 +150,7 @@ class Bench:
         return result
 
     def accs(self, model: torch.nn.Module) -> dict[str, float]:
-        from sparse_opd_peft.toy import heldout_accuracy
+        from sparse_opd_peft.lab.toy import heldout_accuracy
 
         return {t: heldout_accuracy(model, self.world, t, self.args.eval_samples) for t in TASKS}
 
@@ -170,13 +170,8 @@ class Bench:
 
     # ------------------------------------------------------------------ stage 1
     def stage1(self, seed: int) -> dict[str, dict]:
-        from sparse_opd_peft.continual import (
-            bf16_churn,
-            block_linear_names,
-            lora_rank_for,
-            probe_mask,
-            run_stage,
-        )
+        from sparse_opd_peft.continual import bf16_churn, block_linear_names, lora_rank_for
+        from sparse_opd_peft.lab.continual import probe_mask, run_stage
 
         a, out = self.args, {}
 
@@ -230,9 +225,9 @@ class Bench:
             changed_coordinates,
             mask_overlap,
             merged_copy,
-            run_stage,
         )
-        from sparse_opd_peft.toy import opd_run
+        from sparse_opd_peft.lab.continual import run_stage
+        from sparse_opd_peft.lab.toy import opd_run
 
         a, out = self.args, {}
         targets = block_linear_names(self.anchor)

@@ -1,6 +1,6 @@
 """Does the demo's story hold on the shipped world with margin? The whole demo, 5 seeds x 1 and 2 torch threads.
 
-Each of the 10 runs is ``sparse_opd_peft.demo.run_demo`` with the demo's default recipe (only ``seed`` and ``threads``
+Each of the 10 runs is ``sparse_opd_peft.lab.demo.run_demo`` with the demo's default recipe (only ``seed`` and ``threads``
 change): full OPD from the shipped anchor, the top-k |ΔW| mask of that run, the masked retrain, a random mask with the
 same per-module counts, the merge. The margins (issue 11, item 2) are the demo's own verdicts: full OPD gains at least
 50 points over the anchor; the mask retrains to within 10 points of full OPD; the random mask ends at least 15 points
@@ -27,7 +27,7 @@ def _run(job: tuple[str, int, int, dict]) -> dict:
     import contextlib
     import io
 
-    from sparse_opd_peft.demo import DemoConfig, run_demo
+    from sparse_opd_peft.lab.demo import DemoConfig, run_demo
 
     out = Path(work) / f"seed{seed}_threads{threads}"
     if (out / "demo.json").is_file():
@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "demo_story.md"))
     args = ap.parse_args()
 
-    from sparse_opd_peft.demo import DemoConfig, verdicts
+    from sparse_opd_peft.lab.demo import DemoConfig, verdicts
 
     overrides = {k: v for k, v in (("world", args.world), ("density", args.density)) if v is not None}
     if args.lr is not None:

@@ -44,7 +44,7 @@ _WORLD = None
 def _world():
     global _WORLD
     if _WORLD is None:
-        from sparse_opd_peft.toy import load_world
+        from sparse_opd_peft.lab.toy import load_world
 
         _WORLD = load_world()
     return _WORLD
@@ -58,7 +58,7 @@ def _job(job: dict) -> dict:
     from peft import get_peft_model
 
     from sparse_opd_peft import SparseMask, SparseOPDConfig
-    from sparse_opd_peft.toy import ToyRunConfig, heldout_accuracy, opd_run
+    from sparse_opd_peft.lab.toy import ToyRunConfig, heldout_accuracy, opd_run
 
     path = Path(job["work"]) / f"{job['name']}.json"
     if path.exists():
@@ -101,7 +101,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from sparse_opd_peft import SparseMask
-    from sparse_opd_peft.toy import heldout_accuracy
+    from sparse_opd_peft.lab.toy import heldout_accuracy
 
     world = _world()
     work = Path(args.work_dir) / world.key

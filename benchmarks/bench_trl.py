@@ -79,7 +79,7 @@ def setup(density: float, extra_vocab: int = 0):
     from peft import get_peft_model
 
     from sparse_opd_peft import SparseOPDConfig
-    from sparse_opd_peft.toy import build_tokenizer, get_task
+    from sparse_opd_peft.lab.toy import build_tokenizer, get_task
 
     tok = build_tokenizer()
     if extra_vocab:

@@ -31,8 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _student_snapshots(world, stops: list[int], spec) -> dict[int, dict[str, torch.Tensor]]:
-    from sparse_opd_peft.toy.models import build_model, train_sft
-    from sparse_opd_peft.toy.world import _mixture
+    from sparse_opd_peft.lab.toy.models import build_model, train_sft
+    from sparse_opd_peft.lab.toy.world import _mixture
 
     recipe = world.recipe
     model = build_model(spec, world.tokenizer, seed=recipe.seed + 1)
@@ -65,7 +65,7 @@ def _job(args: tuple) -> dict:
     _, stop, state, lr, seed, task, steps, n_eval = args
     optimizer, lr = lr.split(":") if isinstance(lr, str) else ("adamw", lr)
     torch.set_num_threads(1)
-    from sparse_opd_peft.toy import ToyRunConfig, heldout_accuracy, load_world, opd_run
+    from sparse_opd_peft.lab.toy import ToyRunConfig, heldout_accuracy, load_world, opd_run
 
     world = load_world()
     student = world.load_student()
@@ -94,7 +94,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from sparse_opd_peft.toy import heldout_accuracy, load_world
+    from sparse_opd_peft.lab.toy import heldout_accuracy, load_world
 
     world = load_world()
     spec = replace(world.recipe.student, decay_steps=args.decay_steps)

@@ -80,7 +80,7 @@ def dry_run_setup(args: argparse.Namespace) -> None:
     """Point ``args`` at tiny random Qwen3 checkpoints (toy tokenizer) saved under ``OUT/dry_run``; shrink the run."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from sparse_opd_peft.toy import build_tokenizer
+    from sparse_opd_peft.lab.toy import build_tokenizer
 
     tok = build_tokenizer()
     for name, hidden, seed in (("student", 32, 0), ("teacher", 64, 1)):

@@ -255,7 +255,7 @@ def demo(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Whole story on the shipped toy world: full OPD, diagnostics, mask, masked retrain vs random, merge, verdicts."""
-    from .demo import DemoConfig, run_demo
+    from .lab.demo import DemoConfig, run_demo
 
     with cli_errors():
         if not 0 < density < 1:
@@ -291,7 +291,7 @@ def study(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """The papers' findings reproduced side by side on the toy world: writes study.json, study.md and plots."""
-    from .study import SECTIONS, StudyConfig, run_study
+    from .lab.study import SECTIONS, StudyConfig, run_study
 
     with cli_errors():
         cfg = StudyConfig(

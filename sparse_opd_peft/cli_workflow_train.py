@@ -225,6 +225,7 @@ def train(
 ) -> None:
     """Train STUDENT against a TEACHER with on-policy distillation (or SFT / RLVR / mix) and save the adapter, the trainer state and the metrics. Trains the sparse adapter (--mask and/or --subspace), a LoRA (--lora-rank) or every weight (--full)."""  # noqa: E501
     from .data import load_prompts, make_reward
+    from .lab.toy.tasks import reward_verifiers
 
     quiet_library_warnings()
     with cli_errors():
@@ -277,9 +278,9 @@ def train(
         if not tokenizer and not has_tokenizer(student):
             raise FileNotFoundError(f"STUDENT {student} has no tokenizer files (tokenizer.json); pass --tokenizer DIR")
         tok = load_tokenizer(tokenizer or student, "--tokenizer" if tokenizer else "STUDENT", trust_remote_code)
-        reward_fn = make_reward(reward, train_ds, tok.eos_token)
+        reward_fn = make_reward(reward, train_ds, tok.eos_token, reward_verifiers())
         if eval_ds is not None:
-            make_reward(reward, eval_ds, tok.eos_token)  # checks the eval prompts too
+            make_reward(reward, eval_ds, tok.eos_token, reward_verifiers())  # checks the eval prompts too
         model_dtype = torch_dtype(dtype.value)
         base = load_causal_lm(student, "STUDENT", model_dtype, trust_remote_code)
         teacher_model = teacher_tok = None

@@ -1,22 +1,14 @@
-"""Continual post-training helpers: run a stage with a method, measure churn and mask overlap between stages.
-
-A *stage* trains the current model on one task with OPD (:func:`sparse_opd_peft.toy.opd_run`), with one of
-three methods:
-
-* ``"full"``: every parameter of the (merged) current model;
-* ``"lora"``: peft LoRA on the given target Linear modules;
-* ``"sparse"``: our :class:`~sparse_opd_peft.SparseOPDConfig` adapter on a mask, optionally with ``exclude``
-  (the churn budget: coordinates an earlier stage trained).
-
-Adapters of successive stages are either kept as separate named peft adapters (``mode="separate"``: all stages
-active, earlier ones frozen; the effective weight is ``W0 + Σ ΔW_stage``) or merged in turn
-(``mode="merged"``: each stage is merged with ``merge_and_unload`` before the next one is added, so a later
-adapter's base is the previous stages' merged model).
+"""Continual post-training metrics and masks: churn between models, overlap of masks, a budgeted top-k mask.
 
 Metrics: :func:`bf16_churn` (share of weight entries whose bfloat16 value differs from a reference model's),
 :func:`changed_coordinates` (those entries as a mask), :func:`mask_overlap` (IoU and overlap shares of two masks
 with the expectation for independent uniform random masks of the same per-module sizes) and
 :func:`budgeted_topk_mask` (top-k ``|ΔW|`` of a probe run, with at most a given share of an earlier mask reused).
+Helpers: :func:`merged_copy`, :func:`weight_tensors`, :func:`block_linear_names`, :func:`lora_rank_for`,
+:func:`adapter_names`, :func:`dir_bytes`.
+
+The continual *experiments* (train a stage on a toy task with a method, probe a stage's own mask) are in the lab:
+:mod:`sparse_opd_peft.lab.continual`.
 """
 
 from __future__ import annotations
@@ -24,7 +16,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -36,9 +27,6 @@ from .masks import SparseMask
 from .visibility import bf16_bits
 
 __all__ = [
-    "METHODS",
-    "MODES",
-    "StageOutput",
     "adapter_names",
     "bf16_churn",
     "block_linear_names",
@@ -48,13 +36,8 @@ __all__ = [
     "lora_rank_for",
     "mask_overlap",
     "merged_copy",
-    "probe_mask",
-    "run_stage",
     "weight_tensors",
 ]
-
-METHODS = ("full", "lora", "sparse")
-MODES = ("separate", "merged")
 
 MaskLike = Union[SparseMask, Mapping[str, torch.Tensor]]
 WeightsLike = Union[nn.Module, Mapping[str, torch.Tensor]]
@@ -311,152 +294,3 @@ def adapter_names(model: nn.Module) -> list[str]:
 def dir_bytes(directory: Union[str, Path], pattern: str = "*.safetensors") -> int:
     """Total size in bytes of the files matching ``pattern`` under ``directory`` (recursive)."""
     return sum(p.stat().st_size for p in Path(directory).rglob(pattern) if p.is_file())
-
-
-@dataclass
-class StageOutput:
-    """Result of :func:`run_stage`.
-
-    Attributes:
-        model: what the next stage starts from: the trained plain model (``full``), the ``PeftModel`` holding
-            every stage's adapter (``separate``) or the merged plain model (``merged``).
-        trained: the trained model as returned by the trainer (a ``PeftModel`` for adapters).
-        trainable: number of trained parameters.
-        stage_bytes: bytes of this stage's saved artifact (adapter files, or the full checkpoint for ``full``).
-        seconds: training wall time. history: per-step trainer metrics.
-    """
-
-    model: nn.Module
-    trained: nn.Module
-    trainable: int
-    stage_bytes: int
-    seconds: float
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-def _lora_config(rank: int, targets: Sequence[str], alpha: Optional[float]):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=0.0, target_modules=list(targets)
-    )
-
-
-def run_stage(
-    current: nn.Module,
-    world: Any,
-    cfg: Any,
-    method: str,
-    *,
-    mode: str = "separate",
-    adapter_name: str = "default",
-    mask: Optional[MaskLike] = None,
-    exclude: Optional[MaskLike] = None,
-    lora_rank: Optional[int] = None,
-    lora_alpha: Optional[float] = None,
-    target_modules: Optional[Sequence[str]] = None,
-    save_dir: Optional[Union[str, Path]] = None,
-) -> StageOutput:
-    """Train one continual stage with OPD on ``cfg.task`` (:func:`sparse_opd_peft.toy.opd_run`).
-
-    ``current`` is consumed (adapters are injected into it in place; pass a copy to keep it). It is a plain model
-    (the anchor, or earlier stages merged) or a ``PeftModel`` holding earlier stages' adapters.
-
-    * ``method="full"``: all parameters of ``current`` (a peft model is merged first) are trained.
-    * ``"lora"`` / ``"sparse"``: a new adapter ``adapter_name`` (LoRA of rank ``lora_rank`` on ``target_modules``,
-      alpha ``lora_alpha`` or ``2·rank``; or ``SparseOPDConfig(mask=mask, exclude=exclude)``). If ``current``
-      holds adapters: ``mode="separate"`` adds the new one next to them (all active, earlier ones frozen);
-      ``mode="merged"`` merges them into the base first (``merge_and_unload``). After training, ``"merged"``
-      merges the new adapter too, so :attr:`StageOutput.model` is a plain model.
-
-    Args:
-        world: a :class:`~sparse_opd_peft.toy.ToyWorld`; cfg: a :class:`~sparse_opd_peft.toy.ToyRunConfig`.
-        save_dir: where to save this stage's artifact (``save_pretrained`` of the full model, or of the new adapter
-            only: peft writes a non-default adapter into ``save_dir/<adapter_name>/``); its ``*.safetensors``
-            bytes are :attr:`StageOutput.stage_bytes`. Without it, bytes are computed without writing.
-    """
-    from peft import get_peft_model
-
-    from .toy.runs import opd_run
-    from .tuner import SparseOPDConfig, save_adapter
-    from .tuner.files import adapter_file_bytes, safetensors_nbytes
-
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if method == "full":
-        model = current.merge_and_unload() if _is_peft(current) else current
-        model.requires_grad_(True)
-    else:
-        if method == "sparse":
-            if mask is None:
-                raise ValueError("method='sparse' needs mask=")
-            config = SparseOPDConfig(mask=mask, exclude=exclude)
-        else:
-            if not lora_rank or not target_modules:
-                raise ValueError("method='lora' needs lora_rank= and target_modules=")
-            config = _lora_config(lora_rank, target_modules, lora_alpha)
-        if _is_peft(current) and mode == "separate":
-            earlier = adapter_names(current)
-            if adapter_name in earlier:
-                raise ValueError(f"adapter {adapter_name!r} already exists in the model ({earlier})")
-            current.add_adapter(adapter_name, config)
-            current.base_model.set_adapter([*earlier, adapter_name])
-            for name, p in current.named_parameters():  # earlier stages stay fixed
-                p.requires_grad_(f".{adapter_name}." in f"{name}." and _is_adapter_param(name))
-            model = current
-        else:
-            base = current.merge_and_unload() if _is_peft(current) else current
-            model = get_peft_model(base, config, adapter_name=adapter_name)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trained, history, seconds = opd_run(model, world, cfg)
-    trained.eval()
-    if save_dir is not None:
-        save_dir = Path(save_dir)
-        if method == "full":
-            trained.save_pretrained(save_dir)
-        else:
-            save_adapter(trained, save_dir, selected_adapters=[adapter_name])
-        stage_bytes = dir_bytes(save_dir)
-    elif method == "full":
-        stage_bytes = safetensors_nbytes(trained.state_dict(), {"format": "pt"})
-    else:
-        stage_bytes = adapter_file_bytes(trained, adapter_name)
-    carry = trained
-    if method != "full" and mode == "merged":
-        carry = copy.deepcopy(trained).merge_and_unload().eval()
-    return StageOutput(carry, trained, trainable, stage_bytes, seconds, history)
-
-
-def _is_adapter_param(name: str) -> bool:
-    return any(key in name for key in ("lora_", "sparse_opd_"))
-
-
-def probe_mask(
-    current: nn.Module,
-    world: Any,
-    cfg: Any,
-    density: float,
-    previous: Optional[MaskLike] = None,
-    reuse_share: Optional[float] = None,
-) -> tuple[SparseMask, dict[str, Any]]:
-    """The stage's own mask: a short full-parameter OPD probe run (``cfg``, e.g. 50 steps) from a merged copy of
-    ``current``, then :func:`budgeted_topk_mask` of ``|W_probe − W_current|``.
-
-    Returns:
-        ``(mask, {"probe_steps", "probe_seconds", "nnz", "density", "reused"})``; ``current`` is not changed.
-    """
-    from .toy.runs import opd_run
-
-    start = merged_copy(current)
-    probe, _, seconds = opd_run(merged_copy(start), world, cfg)
-    mask = budgeted_topk_mask(start, probe, density, previous, reuse_share)
-    info = {
-        "probe_steps": int(cfg.steps),
-        "probe_seconds": seconds,
-        "nnz": mask.nnz(),
-        "density": mask.density(),
-        "reused": mask.metadata.get("reused"),
-    }
-    return mask, info

@@ -4,22 +4,35 @@ A prompt source is either a local ``.json`` / ``.jsonl`` / ``.parquet`` file (re
 | "parquet", data_files=...)``) or a ``datasets`` Hub id (``org/name``; ``HF_HUB_OFFLINE=1`` / ``HF_DATASETS_OFFLINE=1``
 read the local cache). :func:`load_prompts` renames the user's columns to the trainer's ``prompt`` / ``answer`` /
 ``completion`` and drops every other column. :func:`make_reward` builds the verifier rewards the CLI offers:
-``exact`` (the completion before EOS equals the answer column, whitespace-stripped) and ``toy:<task>`` (the embedded
-toy world's arithmetic verifiers, :data:`sparse_opd_peft.toy.TASKS`).
+``exact`` (the completion before EOS equals the answer column, whitespace-stripped) and named task verifiers the
+caller passes in (the CLI passes the lab's toy tasks as ``toy:<task>``: :func:`sparse_opd_peft.lab.toy.reward_verifiers`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
-__all__ = ["LOCAL_FORMATS", "REWARDS", "load_prompts", "make_reward"]
+__all__ = ["LOCAL_FORMATS", "REWARDS", "Verifier", "load_prompts", "make_reward"]
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-REWARDS = ("none", "exact", "toy:add", "toy:sub")
+REWARDS = ("none", "exact")
+"""The rewards :func:`make_reward` offers without task verifiers."""
 
 RewardFn = Callable[[list[str], list[str], list[Any]], Sequence[float]]
+
+
+class Verifier(Protocol):
+    """A task's verifier, as :func:`make_reward` uses it (e.g. a toy world task, ``sparse_opd_peft.lab.toy.Task``)."""
+
+    def answer(self, prompt: str) -> str:
+        """The reference answer of ``prompt``; ``ValueError`` when ``prompt`` is not one of the task's prompts."""
+        ...
+
+    def rewards(self, prompts: Sequence[str], completions: Sequence[str]) -> list[float]:
+        """One reward per completion of the matching prompt."""
+        ...
 
 
 def _short(err: BaseException, limit: int = 300) -> str:
@@ -131,22 +144,28 @@ def load_prompts(
     return Dataset.from_dict(data)
 
 
-def make_reward(spec: str, dataset, eos_token: Optional[str]) -> Optional[RewardFn]:
+def make_reward(
+    spec: str, dataset, eos_token: Optional[str], verifiers: Optional[Mapping[str, Verifier]] = None
+) -> Optional[RewardFn]:
     """Verifier reward named by ``spec`` for the prompts of ``dataset`` (checked up front).
 
     Args:
         spec: ``"none"``; ``"exact"`` (1.0 when the completion text before the first EOS, stripped, equals the
-            ``answer`` column, stripped; else 0.0); ``"toy:add"`` / ``"toy:sub"`` (the toy world's verifiers: the
-            prompts must be that task's prompts such as ``"123+045="``).
+            ``answer`` column, stripped; else 0.0); or a key of ``verifiers`` such as ``"toy:add"`` (that task's
+            verifier: the prompts must be that task's prompts such as ``"123+045="``).
         dataset: output of :func:`load_prompts`.
         eos_token: the tokenizer's EOS string (completions are decoded with it).
+        verifiers: task verifiers by reward name ``"<family>:<task>"`` (the CLI passes the toy world's,
+            :func:`sparse_opd_peft.lab.toy.reward_verifiers`); ``None``: only ``none`` and ``exact``.
 
     Returns:
         ``reward_fn(prompts, completions, answers) -> list[float]``, or ``None`` for ``"none"``.
 
     Raises:
-        ValueError: unknown spec, ``exact`` without an answer column, toy task prompts that do not parse.
+        ValueError: unknown spec, ``exact`` without an answer column, task prompts that do not parse.
     """
+    verifiers = dict(verifiers or {})
+    choices = (*REWARDS, *verifiers)
     if spec == "none":
         return None
     if spec == "exact":
@@ -158,20 +177,18 @@ def make_reward(spec: str, dataset, eos_token: Optional[str]) -> Optional[Reward
             return [float(c.strip() == str(a).strip()) for c, a in zip(cut, answers, strict=True)]
 
         return exact
-    if spec.startswith("toy:"):
-        from .toy.tasks import TASKS
-
-        name = spec[4:]
-        if name not in TASKS:
-            raise ValueError(f"--reward {spec}: unknown toy task {name!r}; choose one of {REWARDS}")
-        task = TASKS[name]
+    family, sep, name = spec.partition(":")
+    if sep and any(key.partition(":")[0] == family for key in verifiers):
+        if spec not in verifiers:
+            raise ValueError(f"--reward {spec}: unknown {family} task {name!r}; choose one of {choices}")
+        task = verifiers[spec]
         for i, prompt in enumerate(dataset["prompt"]):
             try:
                 task.answer(prompt)
             except ValueError as err:
                 raise ValueError(
-                    f"--reward {spec}: prompt row {i} is not a toy {name!r} prompt ({err}); toy rewards only score the "
-                    "toy world's tasks, use --reward exact with an answer column for other data"
+                    f"--reward {spec}: prompt row {i} is not a {family} {name!r} prompt ({err}); {family} rewards only "
+                    f"score the {family} world's tasks, use --reward exact with an answer column for other data"
                 ) from None
         return lambda prompts, completions, answers: task.rewards(prompts, completions)
-    raise ValueError(f"--reward {spec!r} is unknown; choose one of {', '.join(REWARDS)}")
+    raise ValueError(f"--reward {spec!r} is unknown; choose one of {', '.join(choices)}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from sparse_opd_peft.study import StudyConfig
+from sparse_opd_peft.lab.study import StudyConfig
 
 
 def tiny_config(root: Path, sections: tuple[str, ...], cache_dir: Path) -> StudyConfig:

@@ -68,7 +68,7 @@ def tiny_toy_cache(tmp_path_factory):
     cache_dir=...)``, ``--tiny --cache-dir``) loads it instead of training it again. Its teacher is nearly untrained
     (held-out accuracy of a few %): tests on it check mechanics, not results.
     """
-    from sparse_opd_peft.toy import ToyRecipe, build_world
+    from sparse_opd_peft.lab.toy import ToyRecipe, build_world
 
     root = tmp_path_factory.mktemp("toy_cache")
     build_world(root, ToyRecipe.tiny(), progress=False)
@@ -78,6 +78,6 @@ def tiny_toy_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_toy_world(tiny_toy_cache):
     """The tiny toy world of :func:`tiny_toy_cache` (loaded from the cache)."""
-    from sparse_opd_peft.toy import ToyRecipe, build_world
+    from sparse_opd_peft.lab.toy import ToyRecipe, build_world
 
     return build_world(tiny_toy_cache, ToyRecipe.tiny(), progress=False)

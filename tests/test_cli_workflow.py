@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _distributed_check import tiny_tokenizer
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -17,9 +18,8 @@ from typer.testing import CliRunner
 from sparse_opd_peft import SparseMask
 from sparse_opd_peft.cli import app
 from sparse_opd_peft.data import load_prompts
-from sparse_opd_peft.opd._distributed_check import tiny_tokenizer
+from sparse_opd_peft.lab.toy import build_tokenizer, make_splits
 from sparse_opd_peft.subspace import save_subspace
-from sparse_opd_peft.toy import build_tokenizer, make_splits
 
 runner = CliRunner()
 UP = "model.layers.0.mlp.up_proj"

@@ -1,4 +1,5 @@
-"""Continual post-training helpers (sparse_opd_peft.continual) and the benchmark script, on tiny models."""
+"""Continual post-training helpers (sparse_opd_peft.continual, sparse_opd_peft.lab.continual) and the benchmark script,
+on tiny models."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from sparse_opd_peft.continual import (
     changed_coordinates,
     mask_overlap,
     merged_copy,
-    run_stage,
 )
+from sparse_opd_peft.lab.continual import run_stage
 from sparse_opd_peft.mask_builders import mask_from_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,7 +171,7 @@ def test_run_stage_two_stages_both_modes(tiny_world, method, tmp_path):
     from peft import PeftModel
 
     from sparse_opd_peft.continual import adapter_names, block_linear_names, lora_rank_for
-    from sparse_opd_peft.toy import ToyRunConfig
+    from sparse_opd_peft.lab.toy import ToyRunConfig
 
     cfg = ToyRunConfig(task="add", steps=2, batch_size=8, warmup_steps=0, lr=1e-2, progress=False)
     anchor = tiny_world.load_student()

@@ -30,7 +30,7 @@ def test_demo_rejects_bad_density(tmp_path):
 
 
 def test_verdicts_hold_and_fail_on_known_numbers():
-    from sparse_opd_peft.demo import verdicts
+    from sparse_opd_peft.lab.demo import verdicts
 
     good = verdicts(anchor=0.10, full=0.95, masked=0.90, random=0.40, merged=0.90, merge_diff=0.0)
     assert [line.split("**")[1] for line in good] == ["holds"] * 4
@@ -46,8 +46,8 @@ def test_demo_full_opd_recipe_learns_on_the_shipped_world():
     """The demo's full-OPD recipe, one seed, on the shipped world: at least 50 points over the anchor (issue 11)."""
     import torch
 
-    from sparse_opd_peft.demo import DemoConfig, _run_config
-    from sparse_opd_peft.toy import heldout_accuracy, load_world, opd_run
+    from sparse_opd_peft.lab.demo import DemoConfig, _run_config
+    from sparse_opd_peft.lab.toy import heldout_accuracy, load_world, opd_run
 
     world = load_world()
     cfg = DemoConfig()

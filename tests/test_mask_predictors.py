@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _distributed_check import exact_reward, tiny_dataset, tiny_model, tiny_tokenizer
 from accelerate import Accelerator
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -12,7 +13,6 @@ from sparse_opd_peft import SparseMask
 from sparse_opd_peft import mask_predictors as mp
 from sparse_opd_peft.mask_builders import random_like
 from sparse_opd_peft.opd import OPDConfig, OPDTrainer
-from sparse_opd_peft.opd._distributed_check import exact_reward, tiny_dataset, tiny_model, tiny_tokenizer
 
 A, B = "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj"
 

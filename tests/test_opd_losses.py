@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from _distributed_check import tiny_model, tiny_tokenizer
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from sparse_opd_peft.opd import (
@@ -24,7 +25,6 @@ from sparse_opd_peft.opd import (
     token_keep_weights,
     token_logprobs,
 )
-from sparse_opd_peft.opd._distributed_check import tiny_model, tiny_tokenizer
 
 EOS = 3
 

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _distributed_check import exact_reward, tiny_dataset, tiny_model, tiny_tokenizer
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 from sparse_opd_peft.opd import OPDConfig, OPDTrainer
 from sparse_opd_peft.opd import _state_io as sio
-from sparse_opd_peft.opd._distributed_check import exact_reward, tiny_dataset, tiny_model, tiny_tokenizer
 from sparse_opd_peft.opd.checkpoint import load_training_state
 
 TIMING = ("tokens_per_s",)

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from _distributed_check import exact_reward, run, tiny_dataset, tiny_model, tiny_tokenizer
 from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from sparse_opd_peft.opd import OPDConfig, OPDTrainer, check_tokenizer_compat, trainable_state_dict
-from sparse_opd_peft.opd._distributed_check import exact_reward, run, tiny_dataset, tiny_model, tiny_tokenizer
 
 TIMING = ("tokens_per_s",)
 
@@ -227,7 +227,7 @@ def test_two_processes_match_one_process(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "sparse_opd_peft.opd._distributed_check", "--out", str(tmp_path / "multi")]  # fmt: skip
+           str(Path(__file__).with_name("_distributed_check.py")), "--out", str(tmp_path / "multi")]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = run(tmp_path / "single")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from sparse_opd_peft.study import SECTIONS, RenderInfo, StudyConfig, write_atomic
-from sparse_opd_peft.study.core import _SECTION_COST, render_header, worker_groups
+from sparse_opd_peft.lab.study import SECTIONS, RenderInfo, StudyConfig, write_atomic
+from sparse_opd_peft.lab.study.core import _SECTION_COST, render_header, worker_groups
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from _study_utils import numbers, tiny_config
 
-from sparse_opd_peft.study import StudyConfig, StudyContext, controls, geometry, render_study, run_study
+from sparse_opd_peft.lab.study import StudyConfig, StudyContext, controls, geometry, render_study, run_study
 
 VERDICT = re.compile(r"\*\*(not reproduced|reproduced|holds|fails)\*\*")
 
@@ -133,7 +133,7 @@ def test_second_run_is_served_from_the_cache(study, monkeypatch, tiny_toy_cache)
         raise AssertionError("a cached study must neither train nor re-run diagnostics")
 
     import sparse_opd_peft.diagnostics as diagnostics
-    import sparse_opd_peft.toy as toy
+    import sparse_opd_peft.lab.toy as toy
 
     monkeypatch.setattr(toy, "opd_run", boom)
     monkeypatch.setattr(diagnostics, "diagnose", boom)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse_opd_peft.study import RenderInfo, render_study
+from sparse_opd_peft.lab.study import RenderInfo, render_study
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 # the lines that carry a verdict: the claim lines, the recovery comparisons, the subspace and predictor statements

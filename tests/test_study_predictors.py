@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from _study_utils import numbers, tiny_config
 
-from sparse_opd_peft.study import StudyConfig, StudyContext, predictors, savings
+from sparse_opd_peft.lab.study import StudyConfig, StudyContext, predictors, savings
 
 
 def _config(root: Path, cache: Path) -> StudyConfig:
@@ -96,9 +96,9 @@ def test_second_run_is_served_from_the_cache(study, monkeypatch, tiny_toy_cache)
     def boom(*args, **kwargs):
         raise AssertionError("a cached run was recomputed")
 
+    import sparse_opd_peft.lab.toy as toy
+    import sparse_opd_peft.lab.toy.runs as runs
     import sparse_opd_peft.mask_predictors as mp
-    import sparse_opd_peft.toy as toy
-    import sparse_opd_peft.toy.runs as runs
 
     monkeypatch.setattr(toy, "opd_run", boom)
     monkeypatch.setattr(runs, "opd_probe_run", boom)
@@ -113,7 +113,7 @@ def test_second_run_is_served_from_the_cache(study, monkeypatch, tiny_toy_cache)
 def test_opd_config_matches_what_opd_run_builds(study, monkeypatch, tmp_path):
     """``toy.runs.opd_config`` duplicates ``opd_run``'s mapping (runs.py is add-only): they must not drift."""
     import sparse_opd_peft.opd as opd
-    from sparse_opd_peft.toy import runs
+    from sparse_opd_peft.lab.toy import runs
 
     _, ctx, _, _ = study
     seen = {}

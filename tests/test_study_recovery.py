@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparse_opd_peft.study import StudyConfig, StudyContext, recovery, recovery_extra, subspace
+from sparse_opd_peft.lab.study import StudyConfig, StudyContext, recovery, recovery_extra, subspace
 
 
 def _finite_numbers(obj, where="data"):
@@ -38,8 +38,8 @@ def sections(tmp_path_factory, tiny_toy_cache):
     first = (recovery.run(ctx), subspace.run(ctx))
     n_runs = len(list(ctx.runs_dir.glob("*.json")))
     with pytest.MonkeyPatch.context() as mp:
-        import sparse_opd_peft.toy as toy
-        import sparse_opd_peft.toy.runs as toy_runs
+        import sparse_opd_peft.lab.toy as toy
+        import sparse_opd_peft.lab.toy.runs as toy_runs
 
         for target in (toy, toy_runs):
             mp.setattr(target, "opd_run", _forbid)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from sparse_opd_peft.study import RenderInfo, StudyConfig, controls, geometry, predictors, recovery, subspace
-from sparse_opd_peft.study.recovery_extra import low_lr_md, sgd_md
+from sparse_opd_peft.lab.study import RenderInfo, StudyConfig, controls, geometry, predictors, recovery, subspace
+from sparse_opd_peft.lab.study.recovery_extra import low_lr_md, sgd_md
 
 VERDICT = re.compile(r"\*\*(not reproduced|reproduced|holds|fails)\*\*")
 STUDY_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "study.json"

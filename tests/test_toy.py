@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from sparse_opd_peft.toy import (
+from sparse_opd_peft.lab.toy import (
     CHARS,
     EOS_TOKEN,
     TASKS,
@@ -267,7 +267,7 @@ def test_cache_key_changes_with_recipe():
 
 
 def test_default_cache_dir_env(monkeypatch, tmp_path):
-    from sparse_opd_peft.toy import default_cache_dir
+    from sparse_opd_peft.lab.toy import default_cache_dir
 
     monkeypatch.setenv("SPARSE_OPD_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path

@@ -17,7 +17,7 @@ from peft import get_peft_model
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from sparse_opd_peft import SparseOPDConfig
-from sparse_opd_peft.toy import build_tokenizer
+from sparse_opd_peft.lab.toy import build_tokenizer
 
 trl = pytest.importorskip("trl")
 DistillationConfig = getattr(trl, "DistillationConfig", None)

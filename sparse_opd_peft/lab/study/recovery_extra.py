@@ -34,7 +34,7 @@ PAPER_SPARSITY = "OPD bf16 sparsity 51.6 % (Qwen3-8B; variants 48.6–57.1 %); 6
 
 def visible_density(ctx: StudyContext, tuned: Path, total: int) -> float:
     """bf16-visible changed share of all block-Linear entries between the anchor and ``tuned`` (0 when none)."""
-    from ..masks import SparseMask
+    from ...masks import SparseMask
 
     try:
         return SparseMask.from_checkpoints(ctx.student_path(), tuned, rule="bf16_visible").nnz() / total
@@ -151,7 +151,7 @@ def low_lr_regime(ctx: StudyContext, rows: list[dict[str, Any]], meta: dict[str,
     """AdamW at :data:`LOW_LRS` for ``LOW_STEPS_FACTOR × steps`` (seed 0) plus the SGD runs: does any run both learn
     a lot and leave a sparse bf16-visible mask? Then the papers' protocol (retrain on that run's bf16-visible mask
     vs a random mask, same recipe) at the best candidate."""
-    from ..masks import SparseMask
+    from ...masks import SparseMask
 
     s, load, total = ctx.seeds[0], ctx.world.load_student, meta["block_params"]
     steps = LOW_STEPS_FACTOR * ctx.config.steps

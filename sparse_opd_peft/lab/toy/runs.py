@@ -81,7 +81,7 @@ def opd_run(
     Returns:
         ``(trained model (unwrapped from accelerate), per-step history, wall-clock seconds)``.
     """
-    from ..opd import OPDTrainer
+    from ...opd import OPDTrainer
 
     config = opd_config(world, cfg, checkpoint_dir)
     data = world.datasets[cfg.task]
@@ -106,7 +106,7 @@ def opd_run(
 def opd_config(world: ToyWorld, cfg: ToyRunConfig, checkpoint_dir: Optional[str | Path] = None):
     """The :class:`~sparse_opd_peft.opd.OPDConfig` that :func:`opd_run` builds for ``cfg`` (same mapping; a test
     checks the two stay equal)."""
-    from ..opd import OPDConfig
+    from ...opd import OPDConfig
 
     if cfg.task not in world.tasks:
         raise ValueError(f"task {cfg.task!r} is not in the toy world (has {sorted(world.tasks)})")
@@ -137,7 +137,7 @@ def opd_probe_run(
     Returns:
         ``(model, {stop: trainable_state_dict}, {stop: cumulative training seconds}, per-step history)``.
     """
-    from ..opd import OPDTrainer, trainable_state_dict
+    from ...opd import OPDTrainer, trainable_state_dict
 
     stops = sorted({int(s) for s in stops})
     if not stops or stops[0] < 1 or stops[-1] > cfg.steps:

@@ -65,7 +65,7 @@ def _bytes_of(path: Path) -> int:
 def _wrap(model, method: str, mask, lora_r: int):
     from peft import LoraConfig, get_peft_model
 
-    from .. import SparseOPDConfig
+    from ... import SparseOPDConfig
 
     if method == "full":
         return model
@@ -78,13 +78,13 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     """Build, wrap, run ``warmup + steps`` steps and measure (runs in a fresh forked process)."""
     import torch
 
-    from ..masks import SparseMask
+    from ...masks import SparseMask
 
     torch.set_num_threads(spec["threads"])
     torch.manual_seed(0)
     mask = SparseMask.load(spec["mask"])
     if spec["model"] == "toy":
-        from ..opd import OPDTrainer
+        from ...opd import OPDTrainer
         from ..toy import load_world, runs
 
         world = load_world(spec["world"])
@@ -99,7 +99,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     else:
         from transformers import Qwen3Config, Qwen3ForCausalLM
 
-        from ..opd import full_reverse_kl
+        from ...opd import full_reverse_kl
 
         qcfg = Qwen3Config(**spec["qwen"])
         model = _wrap(Qwen3ForCausalLM(qcfg), spec["method"], mask, spec["lora_r"])
@@ -175,7 +175,7 @@ def _fork_measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _serve() -> None:
-    """Measurement server (``python -m sparse_opd_peft.study.savings --serve``): import the libraries once, then for
+    """Measurement server (``python -m sparse_opd_peft.lab.study.savings --serve``): import the libraries once, then for
     every JSON spec on stdin fork a fresh child that runs :func:`_child`, and print its result as one marked line."""
     import importlib
 
@@ -195,7 +195,7 @@ def _measure_all(specs: list[dict[str, Any]], in_process: bool = False) -> list[
         if bad:
             raise RuntimeError(f"savings measurement {bad[0][0]['model']}/{bad[0][0]['method']} failed: {bad[0][1]}")
         return [o["ok"] for o in outs]
-    cmd = [sys.executable, "-m", "sparse_opd_peft.study.savings", "--serve"]
+    cmd = [sys.executable, "-m", "sparse_opd_peft.lab.study.savings", "--serve"]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     results = []
     try:
@@ -221,7 +221,7 @@ def _qwen_mask(qwen: dict[str, Any], density: float, path: Path):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from ..mask_predictors import mask_from_scores
+    from ...mask_predictors import mask_from_scores
 
     g = torch.Generator().manual_seed(0)
     with torch.device("meta"):
@@ -408,5 +408,5 @@ def render(info: RenderInfo, data: dict[str, Any], plots: list[str]) -> str:
 
 if __name__ == "__main__":
     if sys.argv[1:] != ["--serve"]:
-        raise SystemExit("usage: python -m sparse_opd_peft.study.savings --serve  (the study starts it)")
+        raise SystemExit("usage: python -m sparse_opd_peft.lab.study.savings --serve  (the study starts it)")
     _serve()

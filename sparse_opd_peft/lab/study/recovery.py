@@ -88,7 +88,7 @@ def fmt_steps(values: Sequence[Optional[float]]) -> str:
 
 def block_only_student(load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """``load()`` with only the block Linear weights trainable (the scope of the SparseOPD and LoRA adapters)."""
-    from ..diagnostics.sources import is_block_linear
+    from ...diagnostics.sources import is_block_linear
 
     model = load()
     for name, p in model.named_parameters():
@@ -98,14 +98,14 @@ def block_only_student(load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
 
 def block_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """``{module name: (out, in)}`` of the block Linear layers (the modules every mask / LoRA here targets)."""
-    from ..diagnostics.sources import is_block_linear
+    from ...diagnostics.sources import is_block_linear
 
     return {n[: -len(".weight")]: tuple(p.shape) for n, p in model.named_parameters() if is_block_linear(n, p.shape)}
 
 
 def low_magnitude_like(mask: Any, anchor: torch.nn.Module) -> Any:
     """Bottom-|W0| coordinates with exactly ``mask``'s per-module counts (the low-magnitude control)."""
-    from ..masks import SparseMask
+    from ...masks import SparseMask
 
     mods = dict(anchor.named_modules())
     entries = {}
@@ -133,7 +133,7 @@ def masked_student(load: Callable[[], torch.nn.Module], mask: Any) -> torch.nn.M
     """``get_peft_model(load(), SparseOPDConfig(mask=mask))``."""
     from peft import get_peft_model
 
-    from ..tuner import SparseOPDConfig
+    from ...tuner import SparseOPDConfig
 
     return get_peft_model(load(), SparseOPDConfig(mask=mask))
 
@@ -141,7 +141,7 @@ def masked_student(load: Callable[[], torch.nn.Module], mask: Any) -> torch.nn.M
 # ---------------------------------------------------------------------------------------------- the main table
 def seed_masks(ctx: StudyContext, seed: int) -> dict[str, Any]:
     """All masks of one seed, from that seed's full OPD run: bf16-visible; top-k, random and low-magnitude."""
-    from ..masks import SparseMask
+    from ...masks import SparseMask
 
     _, final = ctx.full_opd(seed)
     src, anchor = ctx.student_path(), ctx.world.load_student()

@@ -1,6 +1,6 @@
 """A self-contained tiny OPD run, for the multi-process equivalence test and as a launch example.
 
-``accelerate launch --num_processes 2 --cpu -m sparse_opd_peft.opd._distributed_check --out DIR`` trains a tiny
+``accelerate launch --num_processes 2 --cpu tests/_distributed_check.py --out DIR`` trains a tiny
 Qwen3 student against a tiny Qwen3 teacher on single-digit addition (char tokenizer built here, no toy world, no
 network) and writes the final trainable weights (``final.safetensors``) and the history (``history.json``) to
 ``DIR``. Running it with one process and the same global batch gives the same weights up to float rounding.

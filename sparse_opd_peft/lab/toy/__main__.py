@@ -1,10 +1,10 @@
-"""``python -m sparse_opd_peft.toy``: show the shipped toy world, or rebuild a world from a recipe.
+"""``python -m sparse_opd_peft.lab.toy``: show the shipped toy world, or rebuild a world from a recipe.
 
-python -m sparse_opd_peft.toy                      # the shipped world: key, record, accuracies (trains nothing)
-python -m sparse_opd_peft.toy --reevaluate         # ... and re-measure its held-out accuracies here
-python -m sparse_opd_peft.toy --rebuild            # train the shipped recipe again; both worlds side by side
-python -m sparse_opd_peft.toy --rebuild --export DIR   # ... and copy the rebuilt world to DIR (shipped layout)
-python -m sparse_opd_peft.toy --tiny               # build the seconds-long test recipe
+python -m sparse_opd_peft.lab.toy                      # the shipped world: key, record, accuracies (trains nothing)
+python -m sparse_opd_peft.lab.toy --reevaluate         # ... and re-measure its held-out accuracies here
+python -m sparse_opd_peft.lab.toy --rebuild            # train the shipped recipe again; both worlds side by side
+python -m sparse_opd_peft.lab.toy --rebuild --export DIR   # ... and copy the rebuilt world to DIR (shipped layout)
+python -m sparse_opd_peft.lab.toy --tiny               # build the seconds-long test recipe
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ def _accuracies(world: ToyWorld, reevaluate: bool) -> dict[str, dict[str, float]
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m sparse_opd_peft.toy", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m sparse_opd_peft.lab.toy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--rebuild", action="store_true", help="train the shipped world's recipe again (minutes)")
     parser.add_argument("--tiny", action="store_true", help="build ToyRecipe.tiny() (seconds, low accuracy)")
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = ToyRecipe.tiny() if args.tiny else (shipped_recipe() if shipped else ToyRecipe())
         if args.seed is not None:
             recipe = ToyRecipe.from_dict({**recipe.to_dict(), "seed": args.seed})
-        command = "python -m sparse_opd_peft.toy " + shlex.join(sys.argv[1:] if argv is None else argv)
+        command = "python -m sparse_opd_peft.lab.toy " + shlex.join(sys.argv[1:] if argv is None else argv)
         t0 = time.perf_counter()
         built = build_world(args.cache_dir, recipe, progress=not args.no_progress, command=command)
         action = "loaded from the cache" if built.from_cache else f"built in {time.perf_counter() - t0:.0f} s"

@@ -54,7 +54,7 @@ PAPER = {
 
 
 def method_changes(ctx: StudyContext, method: str) -> dict[str, Any]:
-    """:class:`~sparse_opd_peft.toy.ToyRunConfig` changes of ``method`` at the matched budget (OPD: none)."""
+    """:class:`~sparse_opd_peft.lab.toy.ToyRunConfig` changes of ``method`` at the matched budget (OPD: none)."""
     if method == "SFT":
         return {"loss": "sft"}
     if method == "RLVR":
@@ -132,7 +132,7 @@ def clean(obj: Any) -> Any:
 def trajectory_of(ctx: StudyContext, name: str) -> list[dict[str, Any]]:
     """Cached ``[{step, stable_rank, fro_norm, sim_k, hill_alpha}]`` of run ``name``'s snapshots (Sim_K to the
     last one)."""
-    from ..diagnostics import trajectory
+    from ...diagnostics import trajectory
 
     def fn() -> dict[str, Any]:
         snaps = snapshots(ctx.artifact_dir(name) / "checkpoints")
@@ -147,7 +147,7 @@ def trajectory_of(ctx: StudyContext, name: str) -> list[dict[str, Any]]:
 def geometry_of(ctx: StudyContext, name: str) -> dict[str, Any]:
     """Cached diagnose summary of run ``name`` (anchor vs its saved final model), plus the FFN parameter share and
     the Sim_K random baseline (mean over matrices of K / in_features)."""
-    from ..diagnostics import diagnose
+    from ...diagnostics import diagnose
 
     def fn() -> dict[str, Any]:
         res = diagnose(ctx.student_path(), ctx.artifact_dir(name) / "final", top_k=TOP_K,

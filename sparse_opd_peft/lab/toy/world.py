@@ -1,6 +1,6 @@
 """The toy world: tokenizer, task splits, teacher and student. One world ships with the package; others are built.
 
-**The shipped world** (``sparse_opd_peft/toy/shipped_world/``, package data): the tokenizer, teacher and student
+**The shipped world** (``sparse_opd_peft/lab/toy/shipped_world/``, package data): the tokenizer, teacher and student
 anchor as safetensors (float32), with ``world.json``: the recipe that built them, the build record (held-out
 accuracies, torch / transformers / Python versions, the command, timings) and the world's **key**, a hash of the
 weight and tokenizer files. :func:`load_world` with no argument loads it: nothing is trained, and the weights are
@@ -10,7 +10,7 @@ bit-identical on every machine. The demo, tests, benchmarks, study and continual
 ``<cache_dir>/<recipe hash>/{tokenizer,teacher,student}/`` plus ``world.json``. Training is deterministic on one
 machine, but not across machines (CPU kernels differ in their last bits, and the student anchor's recipe stops SFT
 at a chosen point of its trajectory), so a rebuilt world is another world: its key is the hash of its own files.
-``python -m sparse_opd_peft.toy --rebuild`` rebuilds the shipped world's recipe and prints both worlds' accuracies.
+``python -m sparse_opd_peft.lab.toy --rebuild`` rebuilds the shipped world's recipe and prints both worlds' accuracies.
 A build happens in a temporary sibling directory that is moved into place with ``os.replace``; a concurrent builder
 that loses the race discards its copy and loads the winner's. Datasets are not stored: they are regenerated from the
 recipe seed (deterministic and fast).
@@ -36,7 +36,7 @@ from datasets import DatasetDict
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, Qwen3ForCausalLM
 from transformers.utils import logging as hf_logging
 
-from ..atomic import make_temp_dir, normalize_modes, write_text_atomic
+from ...atomic import make_temp_dir, normalize_modes, write_text_atomic
 from .evaluate import evaluate_accuracy
 from .models import ModelSpec, build_model, train_sft
 from .tasks import TASKS, Task, get_task, make_splits
@@ -348,7 +348,7 @@ def build_world(
     cache_dir: str | os.PathLike | None = None,
     recipe: ToyRecipe | None = None,
     progress: bool = True,
-    command: str = "sparse_opd_peft.toy.build_world",
+    command: str = "sparse_opd_peft.lab.toy.build_world",
 ) -> ToyWorld:
     """The toy world for ``recipe``: with no recipe, the shipped world (nothing is trained); with a recipe, the
     world it builds, trained on first use and cached afterwards.

@@ -120,6 +120,12 @@ def get_task(name: str | Task) -> Task:
     return TASKS[name]
 
 
+def reward_verifiers() -> dict[str, Task]:
+    """The toy tasks as named verifiers for :func:`sparse_opd_peft.data.make_reward` (``sparse-opd train --reward
+    toy:add``): ``{"toy:<task>": task}``."""
+    return {f"toy:{name}": task for name, task in TASKS.items()}
+
+
 def make_splits(task: str | Task, n_train: int, n_heldout: int, seed: int = 0) -> DatasetDict:
     """Sample disjoint train / held-out splits of a task.
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..atomic import write_text_atomic
+from ...atomic import write_text_atomic
 
 SECTIONS = ("geometry", "recovery", "subspace", "controls", "predictors", "savings")
 
@@ -112,7 +112,7 @@ def json_roundtrip(obj: Any) -> Any:
 
 
 def base_run_config(config: StudyConfig) -> Any:
-    """The :class:`~sparse_opd_peft.toy.ToyRunConfig` every run of the study starts from (the matched budget)."""
+    """The :class:`~sparse_opd_peft.lab.toy.ToyRunConfig` every run of the study starts from (the matched budget)."""
     from ..toy import ToyRunConfig
 
     return ToyRunConfig(
@@ -132,7 +132,7 @@ class RenderInfo:
         block_linears: ``{module: (out, in)}`` of the student's block Linear layers.
         answer_widths: ``{task: characters of every answer}`` (a completion is the answer plus EOS).
         runs: the run store, ``{run name: its JSON}`` (per-step histories may have been dropped).
-        world_key: the toy world's key (:func:`~sparse_opd_peft.toy.world_key`).
+        world_key: the toy world's key (:func:`~sparse_opd_peft.lab.toy.world_key`).
     """
 
     config: StudyConfig
@@ -165,7 +165,7 @@ class RenderInfo:
     @classmethod
     def from_context(cls, ctx: StudyContext) -> RenderInfo:
         """The live study's settings, world and run store (as they are now)."""
-        from ..diagnostics.sources import is_block_linear
+        from ...diagnostics.sources import is_block_linear
 
         student = ctx.world.load_student()
         shapes = {n[: -len(".weight")]: (int(p.shape[0]), int(p.shape[1])) for n, p in student.named_parameters()
@@ -285,7 +285,7 @@ class StudyContext:
             save_model: save the final model (``save_pretrained``) to ``artifact_dir(name)/final`` — for a PEFT
                 model the merged weights (``merge_and_unload``), so diagnostics can read a plain checkpoint.
             save_every: trainable-state snapshots every this many steps into ``artifact_dir(name)/checkpoints``.
-            changes: :class:`~sparse_opd_peft.toy.ToyRunConfig` fields (``seed``, ``loss``, ``lr``, ...).
+            changes: :class:`~sparse_opd_peft.lab.toy.ToyRunConfig` fields (``seed``, ``loss``, ``lr``, ...).
 
         Returns:
             ``{"acc", "train_seconds", "history": [per-step metrics], "trainable", "config"}``.

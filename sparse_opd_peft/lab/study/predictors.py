@@ -89,7 +89,7 @@ def grad_probe(ctx: StudyContext, seed: int, batches: int):
     """
     from safetensors.torch import load_file, save_file
 
-    from .. import mask_predictors as mp
+    from ... import mask_predictors as mp
     from ..toy import runs
 
     name = f"pred_grad_s{seed}_b{batches}"
@@ -117,7 +117,7 @@ def grad_probe(ctx: StudyContext, seed: int, batches: int):
 # ------------------------------------------------------------------------------------------ masks and retraining
 def final_mask(ctx: StudyContext, seed: int, density: float = DENSITY):
     """Top-``density`` |ΔW| mask of the shared full OPD run of ``seed`` (the mask the predictors try to match)."""
-    from ..mask_builders import mask_from_checkpoints
+    from ...mask_builders import mask_from_checkpoints
 
     _, final_dir = ctx.full_opd(seed)
     return mask_from_checkpoints(ctx.student_path(), final_dir, "topk", density=density)
@@ -126,8 +126,8 @@ def final_mask(ctx: StudyContext, seed: int, density: float = DENSITY):
 def predictor_masks(ctx: StudyContext, seed: int, density: float) -> dict[str, dict[str, Any]]:
     """``{key: {"label", "mask", "steps", "seconds", "kind"}}`` for every predictor of ``seed`` at ``density``
     (``steps`` / ``seconds``: what obtaining the mask cost before any retraining)."""
-    from .. import mask_predictors as mp
-    from ..mask_builders import low_magnitude, random_like
+    from ... import mask_predictors as mp
+    from ...mask_builders import low_magnitude, random_like
 
     full, _ = ctx.full_opd(seed)
     final = final_mask(ctx, seed, density)
@@ -174,7 +174,7 @@ def retrain(ctx: StudyContext, key: str, mask, seed: int, density: float) -> dic
     """Cached OPD retraining from the anchor on ``mask`` (study budget, seed ``seed``)."""
     from peft import get_peft_model
 
-    from .. import SparseOPDConfig
+    from ... import SparseOPDConfig
 
     def make() -> Any:
         return get_peft_model(ctx.world.load_student(), SparseOPDConfig(mask=mask))
@@ -184,7 +184,7 @@ def retrain(ctx: StudyContext, key: str, mask, seed: int, density: float) -> dic
 
 # ------------------------------------------------------------------------------------------ the section
 def _collect(ctx: StudyContext, density: float, seeds: list[int], retrain_all: tuple, retrain_one: tuple) -> dict:
-    from ..mask_predictors import mask_agreement
+    from ...mask_predictors import mask_agreement
 
     rows: dict[str, dict] = {}
     for seed in seeds:
@@ -338,7 +338,7 @@ def _plot(ctx: StudyContext, rows: dict[str, dict], full_acc: float) -> str:
 
 def _bf16_visible_densities(ctx: StudyContext, seed: int) -> dict[str, float]:
     """Density of the bf16-visible mask (the papers' rule) after each early stop and at the end of the run."""
-    from ..mask_predictors import early_delta_mask
+    from ...mask_predictors import early_delta_mask
 
     _, final_dir = ctx.full_opd(seed)
     early_probe(ctx, seed)
@@ -354,7 +354,7 @@ def _bf16_visible_densities(ctx: StudyContext, seed: int) -> dict[str, float]:
 def _lock_in(ctx: StudyContext, seed: int, density: float = DENSITY) -> dict[str, float]:
     """Precision of the top-k |ΔW| mask of each of the full run's own snapshots against its final mask: how early
     the mask locks in (``{"step k": precision}``)."""
-    from ..mask_predictors import early_delta_mask, mask_agreement
+    from ...mask_predictors import early_delta_mask, mask_agreement
 
     final = final_mask(ctx, seed, density)
     ckpts = ctx.artifact_dir(f"opd_full_s{seed}") / "checkpoints"

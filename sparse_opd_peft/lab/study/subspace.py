@@ -50,7 +50,7 @@ def load_dir(path: Path) -> torch.nn.Module:
 
 def prefix(ctx: StudyContext, method: str, seed: int) -> tuple[dict[str, Any], Path]:
     """The first 20 % of ``method``'s run (its own schedule), saved to ``artifact_dir(name)/model``; cached."""
-    from ..opd import trainable_state_dict
+    from ...opd import trainable_state_dict
     from ..toy import heldout_accuracy
     from ..toy import runs as toy_runs
     from .recovery import CURVE_SAMPLES
@@ -91,7 +91,7 @@ def snapshot(ctx: StudyContext, method: str, seed: int) -> Path | None:
 
 def continue_changes(ctx: StudyContext, method: str, seed: int) -> dict[str, Any]:
     """ToyRunConfig changes of the resumed 80 %: the schedule's lr at the prefix step, decaying to 0."""
-    from ..opd import OPDConfig
+    from ...opd import OPDConfig
 
     k, b = prefix_steps(ctx), ctx.base
     lr_k = OPDConfig(lr=b.lr, warmup_steps=b.warmup_steps, steps=b.steps, progress_bar=False).lr_at(k)
@@ -113,8 +113,8 @@ def arm_run(ctx: StudyContext, method: str, arm: str, seed: int) -> tuple[dict[s
     """One resumed run (``arm`` = ``free`` | ``block`` | ``rank<r>``); returns (prefix result, run result)."""
     from peft import get_peft_model
 
-    from ..subspace import subspace_from_checkpoints
-    from ..tuner import SparseOPDConfig
+    from ...subspace import subspace_from_checkpoints
+    from ...tuner import SparseOPDConfig
 
     pre, path = prefix(ctx, method, seed)
     name = f"sub_{method}_{arm}_s{seed}"
@@ -140,7 +140,7 @@ def arm_run(ctx: StudyContext, method: str, arm: str, seed: int) -> tuple[dict[s
 def similarity(ctx: StudyContext, method: str, seed: int, rank: int) -> dict[str, float]:
     """Sim_r(20 %, end) = mean over block Linears of ‖V_r(20 %)ᵀ V_r(end)‖²_F / r, "end" = the unconstrained arm's
     final model, with the random-subspace expectation r / in_features (cached)."""
-    from ..subspace import subspace_from_checkpoints
+    from ...subspace import subspace_from_checkpoints
 
     def fn() -> dict[str, float]:
         _, path = prefix(ctx, method, seed)

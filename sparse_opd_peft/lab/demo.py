@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from peft import get_peft_model
 
-from .atomic import normalize_modes, write_text_atomic
-from .masks import SparseMask
-from .tuner import SparseOPDConfig, save_adapter
+from ..atomic import normalize_modes, write_text_atomic
+from ..masks import SparseMask
+from ..tuner import SparseOPDConfig, save_adapter
 
 
 @dataclass
@@ -147,7 +147,7 @@ def _trajectory(world, cfg: DemoConfig, out: Path):
     """Trajectory diagnostics of the full-OPD snapshots (x axis = optimizer step)."""
     import re
 
-    from .diagnostics import trajectory, write_trajectory_report
+    from ..diagnostics import trajectory, write_trajectory_report
 
     snaps = sorted(
         ((int(re.search(r"step_(\d+)", p.name).group(1)), p) for p in (out / "checkpoints" / "full").glob("step_*.safetensors")),
@@ -167,8 +167,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     Prints a header per stage, names each progress bar by its run, and ends ``demo.md`` (and the console, through
     the CLI) with one verdict line per claim (:func:`verdicts`).
     """
-    from .diagnostics import diagnose, write_report
-    from .model_card import record_training
+    from ..diagnostics import diagnose, write_report
+    from ..model_card import record_training
     from .toy import ToyRecipe, build_world, load_world
 
     out = Path(cfg.out)

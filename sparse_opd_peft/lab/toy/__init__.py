@@ -2,19 +2,19 @@
 
 Quick start::
 
-    from sparse_opd_peft.toy import build_world, evaluate_accuracy
+    from sparse_opd_peft.lab.toy import build_world, evaluate_accuracy
     world = build_world()            # the world that ships with the package: loads in a second, trains nothing
     ds = world.datasets["add"]["heldout"]
     evaluate_accuracy(world.student, world.tokenizer, ds, "add")
 
-``python -m sparse_opd_peft.toy`` prints the shipped world's key and build record; ``--rebuild`` trains its recipe
+``python -m sparse_opd_peft.lab.toy`` prints the shipped world's key and build record; ``--rebuild`` trains its recipe
 again and prints both worlds' accuracies side by side.
 """
 
 from .evaluate import evaluate_accuracy, greedy_completions
 from .models import ModelSpec, build_model, lr_factor, tokenize_sft, train_sft
 from .runs import ToyRunConfig, heldout_accuracy, opd_run
-from .tasks import TASKS, Task, get_task, make_splits
+from .tasks import TASKS, Task, get_task, make_splits, reward_verifiers
 from .tokenizer import BOS_TOKEN, CHARS, EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, build_tokenizer
 from .world import (
     RECIPE_VERSION,
@@ -58,6 +58,7 @@ __all__ = [
     "load_world",
     "lr_factor",
     "make_splits",
+    "reward_verifiers",
     "tokenize_sft",
     "train_sft",
 ]
