@@ -5,6 +5,7 @@ Importing the package registers the ``SPARSE_OPD`` method with peft (and does no
 ``save_adapter(model, dir)`` saves with our model card, ``push_adapter(model_or_dir, repo_id)`` uploads to the Hub.
 """
 
+from ._version import __version__
 from .hub import load_adapter, push_adapter
 from .masks import SparseMask
 from .model_card import record_training
@@ -12,7 +13,6 @@ from .module_types import layer_index, module_type
 from .tuner import PEFT_TYPE, SparseOPDConfig, SparseOPDModel, bf16_visibility, save_adapter
 from .visibility import visible_update
 
-__version__ = "0.1.0"
 __all__ = [
     "PEFT_TYPE",
     "SparseMask",

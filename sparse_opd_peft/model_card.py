@@ -372,7 +372,7 @@ def write_model_card(model, output_dir: str | os.PathLike, fresh: Optional[bool]
     import peft
     from huggingface_hub import ModelCard, ModelCardData
 
-    from . import __version__
+    from ._version import __version__
 
     path = Path(output_dir) / "README.md"
     if not path.is_file():

@@ -11,7 +11,7 @@ from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 
-from .registration import PEFT_TYPE
+from .peft_type import PEFT_TYPE
 
 SAVE_DTYPES = ("float32", "bfloat16", "float16")
 GRAD_PATHS = ("auto", "dense_rows", "sampled", "gather")
