@@ -9,11 +9,11 @@ matrices (unweighted), overall, per module type and per layer. Energy shares are
 from __future__ import annotations
 
 import math
-from pathlib import Path
 import re
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm

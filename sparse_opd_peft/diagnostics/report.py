@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
-LOSSES = ("sampled_token", "full_kl", "sft", "rlvr", "mix")
-TOKEN_KEEP = ("all", "top_gap", "random")
-LR_SCHEDULES = ("linear", "constant")
-OPTIMIZERS = ("adamw", "sgd")
+from ..choices import LOSSES, LR_SCHEDULES, OPTIMIZERS, TOKEN_KEEP  # noqa: F401 - re-exported
+
 # Fields that change neither the trajectory nor the final weights: they may differ between a run and its resume.
 RESUME_FREE_FIELDS = (
     "steps",
