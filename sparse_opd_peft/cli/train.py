@@ -20,7 +20,7 @@ Example on the toy world that ships with the package (full OPD; minutes on a CPU
 
   sparse-opd train $W/student --teacher $W/teacher --tokenizer $W/tokenizer --prompts add.jsonl --reward toy:add --full --steps 250 --batch-size 64 --warmup-steps 10 --max-new-tokens 5 --out runs/toy
 
-Prompt files are .json / .jsonl / .parquet with one prompt per row; the toy rows read {"prompt": "072+521=", "answer": "3950"} (3-digit a+b=, answer: the sum's 4 digits reversed). The toy models' directories hold no tokenizer: --tokenizer names it. The defaults (--loss full_kl, --lr 2e-3) are the ones that learn on the toy world.
+Prompt files are .json / .jsonl / .parquet with one prompt per row; the toy rows read {"prompt": "072+521=", "answer": "3950"} (3-digit a+b=, answer: the sum's 4 digits reversed). The toy models' directories hold no tokenizer: --tokenizer names it. The defaults (--loss full_kl, --lr 1e-3) are the ones that learn on the toy world.
 
 Examples with other models: sparse-opd train ./student --teacher ./teacher --prompts prompts.jsonl --mask opd.mask.safetensors --out runs/a --steps 200 --batch-size 32 --save-every 50 ;  sparse-opd train Qwen/Qwen3-0.6B --teacher Qwen/Qwen3-1.7B --prompts openai/gsm8k --dataset-config main --prompt-column question --answer-column answer --lora-rank 16 --lr 1e-4 --out runs/lora ;  resume an interrupted run: the same command plus --resume runs/a.
 
@@ -73,7 +73,7 @@ def train(
     batch_size: int = typer.Option(8, "--batch-size", help="Prompts per step."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per step (memory only)."),
     lr: float = typer.Option(
-        2e-3,
+        1e-3,
         "--lr",
         help="Peak learning rate (sparse adapters usually want 1e-4 to 1e-3; LoRA / full fine-tuning of large models less).",
     ),
