@@ -6,7 +6,8 @@ so ``sparse-opd --help`` lists exactly what the library accepts without importin
 
 from __future__ import annotations
 
-LOSSES = ("sampled_token", "full_kl", "sft", "rlvr", "mix")  # OPDConfig.loss
+LOSSES = ("sampled_token", "full_kl", "topk_kl", "sft", "rlvr", "mix")  # OPDConfig.loss
+BASELINES = ("none", "position")  # OPDConfig.sampled_token_baseline
 TOKEN_KEEP = ("all", "top_gap", "random")  # OPDConfig.token_keep
 LR_SCHEDULES = ("linear", "constant")  # OPDConfig.lr_schedule
 OPTIMIZERS = ("adamw", "sgd")  # OPDConfig.optimizer
@@ -15,4 +16,14 @@ SAVE_DTYPES = ("float32", "bfloat16", "float16")  # SparseOPDConfig.save_dtype (
 MODEL_DTYPES = ("fp32", "bf16", "fp16")  # dtypes models are loaded / merged in (workflow.sources.torch_dtype)
 DEVICES = ("auto", "cpu", "cuda")  # diagnostics.engine.resolve_device (auto: CUDA when present)
 
-__all__ = ["DEVICES", "LOSSES", "LR_SCHEDULES", "MASK_RULES", "MODEL_DTYPES", "OPTIMIZERS", "SAVE_DTYPES", "TOKEN_KEEP"]
+__all__ = [
+    "BASELINES",
+    "DEVICES",
+    "LOSSES",
+    "LR_SCHEDULES",
+    "MASK_RULES",
+    "MODEL_DTYPES",
+    "OPTIMIZERS",
+    "SAVE_DTYPES",
+    "TOKEN_KEEP",
+]
