@@ -70,7 +70,7 @@ def test_module_entry_point_answers_help():
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
     assert not [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
-    for text in ("--full ", "--loss", "[default: full_kl]", "[default: 0.002]", "--tokenizer", '"prompt": "072+521="'):
+    for text in ("--full ", "--loss", "[default: full_kl]", "[default: 0.001]", "--tokenizer", '"prompt": "072+521="'):
         assert text in proc.stdout, text
     assert "<bool>" not in proc.stdout
 

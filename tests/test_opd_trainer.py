@@ -302,7 +302,7 @@ def _reference_gradient(trainer: OPDTrainer, student: torch.nn.Module, teacher: 
     else:
         adv = L.sampled_token_advantages(lp_s, lp_t, mask, cfg.discount, keep, cfg.sampled_token_clip,
                                          cfg.sampled_token_prefix_gamma)  # fmt: skip
-        if cfg.sampled_token_baseline == "position":
+        if cfg.baseline == "position":
             adv = adv - L.leave_one_out_baseline(adv, mask)
         if cfg.loss == "mix":
             texts = decode_completions(tok, ro)
@@ -380,6 +380,9 @@ def test_new_option_errors():
     with pytest.raises(ValueError, match="topk=17 exceeds the vocabulary \\(16 tokens\\)"):
         _trainer(cfg=_cfg(loss="topk_kl", topk=17))
     assert OPDConfig().loss == "full_kl" and OPDConfig().lr == 1e-3  # the defaults that learn on the toy world
+    assert OPDConfig(loss="sampled_token").baseline == "position"
+    assert OPDConfig(loss="mix", num_generations=2).baseline == "none"  # the paper's α-mix: raw OPD advantages
+    assert OPDConfig(loss="mix", num_generations=2, sampled_token_baseline="position").baseline == "position"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -420,3 +423,13 @@ def test_each_estimator_learns_on_the_toy_world(toy_world, overrides, min_gain):
     trainer.train()
     acc = heldout_accuracy(trainer.accelerator.unwrap_model(trainer.model), world, "add", TOY_EVAL)
     assert acc >= anchor + min_gain, f"{overrides}: {anchor:.3f} -> {acc:.3f}"
+
+
+def test_configs_saved_before_the_baseline_resume_with_the_plain_estimator():
+    old = {k: v for k, v in OPDConfig(loss="sampled_token").to_dict().items() if k != "sampled_token_baseline"}
+    cfg = OPDConfig.from_dict(old)
+    assert cfg.baseline == "none"  # the estimator that run used
+    assert cfg.trajectory_diff(OPDConfig(loss="sampled_token")) == {"sampled_token_baseline": ("none", "position")}
+    assert cfg.trajectory_diff(OPDConfig(loss="sampled_token", sampled_token_baseline="none")) == {}
+    full = {k: v for k, v in OPDConfig().to_dict().items() if k != "sampled_token_baseline"}
+    assert OPDConfig.from_dict(full).trajectory_diff(OPDConfig()) == {}  # irrelevant to full_kl

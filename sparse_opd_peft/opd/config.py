@@ -39,9 +39,9 @@ class OPDConfig:
         ``"sampled_token"``: per completion token ``A_t = -(log p_s(y_t) - log p_T(y_t))`` (detached; with
         ``discount > 0`` the discounted future sum ``Σ_{t'≥t} γ^{t'-t} A_t'``), loss ``-Σ A_t log p_s(y_t) / N``:
         needs only the teacher's log-prob of each sampled token, but is the noisiest. Variance reductions:
-        ``sampled_token_baseline="position"`` (default) subtracts from ``A_t`` the mean advantage at the same
-        completion position over the global batch's other rows (unbiased; one extra no-grad student forward per
-        step); ``sampled_token_clip=c`` bounds the log-ratio to ``[-c, c]`` (verl's clamp; biased);
+        ``sampled_token_baseline="position"`` (the default for ``sampled_token``; ``None`` picks it, and ``"none"``
+        for ``mix``) subtracts from ``A_t`` the mean advantage at the same completion position over the global
+        batch's other rows (unbiased; one extra no-grad student forward per step); ``sampled_token_clip=c`` bounds the log-ratio to ``[-c, c]`` (verl's clamp; biased);
         ``sampled_token_prefix_gamma=γ`` weights token ``t`` by IW-OPD's ``1 + γ(1 - Σ_{j<t}|A_j| / Σ_j |A_j|)``.
         ``sampled_token_baseline="none"``, ``sampled_token_clip=None``, ``sampled_token_prefix_gamma=0`` is the plain
         estimator (tinker's, verl's k1). These three apply to ``sampled_token`` and ``mix`` only.
@@ -71,7 +71,7 @@ class OPDConfig:
 
     loss: str = "full_kl"
     sampled_token_clip: Optional[float] = None
-    sampled_token_baseline: str = "position"
+    sampled_token_baseline: Optional[str] = None
     sampled_token_prefix_gamma: float = 0.0
     topk: int = 20
     alpha: float = 0.5
@@ -115,7 +115,6 @@ class OPDConfig:
 
         for name, allowed in (
             ("loss", LOSSES),
-            ("sampled_token_baseline", BASELINES),
             ("token_keep", TOKEN_KEEP),
             ("lr_schedule", LR_SCHEDULES),
             ("optimizer", OPTIMIZERS),
@@ -149,6 +148,12 @@ class OPDConfig:
                 "sampled_token_clip",
                 self.sampled_token_clip,
                 "the bound on |log p_s - log p_T| per token must be a finite number > 0, or None (no clipping)",
+            )
+        if self.sampled_token_baseline is not None and self.sampled_token_baseline not in BASELINES:
+            raise bad(
+                "sampled_token_baseline",
+                self.sampled_token_baseline,
+                f"choose one of {list(BASELINES)}, or None (the loss's default)",
             )
         gamma = self.sampled_token_prefix_gamma
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < float("inf"):
@@ -211,6 +216,15 @@ class OPDConfig:
         return self.loss in ("rlvr", "mix")
 
     @property
+    def baseline(self) -> str:
+        """The sampled-token baseline in force: ``sampled_token_baseline``, or by default ``"position"`` for
+        ``sampled_token`` (the variance reduction that learns on the toy world) and ``"none"`` for ``mix`` (the
+        paper's α-mix recipe, raw OPD advantages)."""
+        if self.sampled_token_baseline is not None:
+            return self.sampled_token_baseline
+        return "position" if self.loss == "sampled_token" else "none"
+
+    @property
     def std_normalize(self) -> bool:
         """GRPO reward normalisation: divide by the group std (default for ``rlvr``; raw centred rewards for ``mix``,
         as in the paper's α-mixing runs)."""
@@ -234,14 +248,20 @@ class OPDConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OPDConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise a ``ValueError`` naming them."""
+        """Inverse of :meth:`to_dict`; unknown keys raise a ``ValueError`` naming them. A dict without
+        ``sampled_token_baseline`` (saved before that field existed) gets ``"none"``, the estimator it ran with."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown OPDConfig fields {unknown}; known fields: {sorted(known)}")
+        if "sampled_token_baseline" not in data and "loss" in data:
+            # written before the baseline existed: that run used the plain estimator, so resume it unchanged
+            data = {**data, "sampled_token_baseline": "none"}
         return cls(**data)
 
     def trajectory_diff(self, other: OPDConfig) -> dict[str, tuple[Any, Any]]:
         """Fields (other than bookkeeping ones) whose values differ: ``{name: (self_value, other_value)}``."""
         a, b = self.to_dict(), other.to_dict()
+        for d, c in ((a, self), (b, other)):  # the baseline in force (None and its loss's default are the same run)
+            d["sampled_token_baseline"] = c.baseline if c.loss in ("sampled_token", "mix") else None
         return {k: (a[k], b[k]) for k in a if k not in RESUME_FREE_FIELDS and a[k] != b[k]}

@@ -249,7 +249,9 @@ def sampled_token_advantages(
     Clipping bounds what one sampled token can contribute: a token the teacher all but excludes (``log p_T`` of
     -15 nats) otherwise carries an advantage of about -15 and dominates a step. It trades an unbiased estimate of
     the reverse-KL gradient for a bounded one (verl clamps its k1 / k3 KL estimates to ±10 the same way); the
-    expected gradient becomes ``Σ_v p_s(v) clip(r(v)) ∇log p_s(v)`` at each visited prefix.
+    expected gradient becomes ``Σ_v p_s(v) clip(r(v)) ∇log p_s(v)`` at each visited prefix: the exact gradient of
+    ``D_c = Σ_v p_s(v) g_c(r(v))`` with ``g_c(r) = r - 1`` for ``|r| <= c``, ``c - e^{c-r}`` above and
+    ``-c - e^{-c-r}`` below (``g_c + g_c' = clip``; ``c → ∞`` gives the reverse KL).
 
     Args:
         student_logprobs, teacher_logprobs: ``(N, T)`` float log-probs of the sampled tokens.

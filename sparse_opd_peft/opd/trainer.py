@@ -270,7 +270,7 @@ class OPDTrainer:
         return L.token_keep_weights(gap, b.rollout.completion_mask, cfg.token_keep, cfg.token_keep_ratio, b.keep_scores)
 
     def _baseline_prepass(self, batches: list[_Batch]) -> None:
-        """``sampled_token_baseline="position"``: the OPD advantages of every micro-batch (one extra no-grad student
+        """``OPDConfig.baseline == "position"``: the OPD advantages of every micro-batch (one extra no-grad student
         forward), minus the per-position leave-one-out mean over the *global* batch (all micro-batches and
         processes), cached in each batch with its teacher log-probs."""
         cfg, acc = self.config, self.accelerator
@@ -345,7 +345,7 @@ class OPDTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        if cfg.sampled_token_baseline != "none" and cfg.loss in ("sampled_token", "mix"):
+        if cfg.baseline != "none" and cfg.loss in ("sampled_token", "mix"):
             self._baseline_prepass(batches)
         sums: dict[str, float] = {}
         for i, b in enumerate(batches):
@@ -396,7 +396,7 @@ class OPDTrainer:
 
         Returns:
             ``self.history``: one dict per step (``step``, ``loss``, ``lr``, ``grad_norm``, ``kl`` (teacher reverse-KL
-            estimate per token), ``kl_exact`` (full_kl), ``reward`` / ``accuracy`` (with ``reward_fn``),
+            estimate per token), ``kl_exact`` (full_kl), ``kl_topk`` (topk_kl), ``reward`` / ``accuracy`` (with ``reward_fn``),
             ``completion_length``, ``eos_rate``, ``tokens_per_s``, and ``eval_*`` on evaluation steps).
         """
         cfg, acc = self.config, self.accelerator
