@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
+if [ "$#" -eq 0 ]; then  # lint and format first: seconds
+    .venv/bin/ruff check sparse_opd_peft tests benchmarks examples
+    .venv/bin/ruff format --check sparse_opd_peft tests benchmarks examples
+fi
 .venv/bin/python -m pytest "$@"
 if [ "$#" -eq 0 ]; then
     bash scripts/peft_harness.sh

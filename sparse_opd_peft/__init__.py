@@ -1,30 +1,44 @@
 """sparse_opd_peft: sparse on-policy-distillation adapters as a PEFT method.
 
-Importing the package registers the ``SPARSE_OPD`` method with peft (and does nothing else to peft), so that
-``peft.get_peft_model(model, SparseOPDConfig(mask=...))`` and ``PeftModel.from_pretrained(base, path)`` work.
-``save_adapter(model, dir)`` saves with our model card, ``push_adapter(model_or_dir, repo_id)`` uploads to the Hub.
+Importing the package registers the ``SPARSE_OPD`` method with peft (at once if peft is imported, else as soon as it
+is), so that ``peft.get_peft_model(model, SparseOPDConfig(mask=...))`` and ``PeftModel.from_pretrained(base, path)``
+work. The names below are imported on first use, so ``import sparse_opd_peft`` itself imports no torch.
 """
 
-from ._version import __version__
-from .hub import load_adapter, push_adapter
-from .masks import SparseMask
-from .model_card import record_training
-from .module_types import layer_index, module_type
-from .tuner import PEFT_TYPE, SparseOPDConfig, SparseOPDModel, bf16_visibility, save_adapter
-from .visibility import visible_update
+from __future__ import annotations
 
-__all__ = [
-    "PEFT_TYPE",
-    "SparseMask",
-    "SparseOPDConfig",
-    "SparseOPDModel",
-    "__version__",
-    "bf16_visibility",
-    "layer_index",
-    "module_type",
-    "save_adapter",
-    "visible_update",
-    "record_training",
-    "load_adapter",
-    "push_adapter",
-]
+import importlib
+
+from ._peft_hook import register_when_peft_loads
+from ._version import __version__
+
+_API = {
+    "PEFT_TYPE": "tuner",
+    "SparseOPDConfig": "tuner",
+    "SparseOPDModel": "tuner",
+    "bf16_visibility": "tuner",
+    "save_adapter": "tuner",
+    "SparseMask": "masks",
+    "layer_index": "module_types",
+    "module_type": "module_types",
+    "visible_update": "visibility",
+    "record_training": "model_card",
+    "load_adapter": "hub",
+    "push_adapter": "hub",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_API})
+
+
+register_when_peft_loads()

@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from tqdm.auto import tqdm
 
+from .choices import MASK_RULES
 from .diagnostics.metrics import (
     ABS_THRESHOLD,
     ETA,
@@ -31,7 +32,7 @@ from .diagnostics.sources import module_name, open_source, paired_weights, selec
 from .masks import SparseMask
 from .module_types import module_type
 
-RULES = ("bf16_visible", "abs_threshold", "topk")
+RULES = MASK_RULES
 _CACHE_LIMIT = 250_000_000  # |ΔW| entries kept in memory between top-k passes (1 GB); above it, weights are re-read
 _HI_BINS = 1 << 15  # non-negative finite float32 bit patterns >> 16 are < 0x7F80
 

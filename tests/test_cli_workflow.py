@@ -114,7 +114,7 @@ def lora_run(w):
 
 # ------------------------------------------------------------------------------------------------ help
 def test_help_texts_and_loss_names():
-    from sparse_opd_peft.cli_workflow import Loss
+    from sparse_opd_peft.cli.options import Loss
     from sparse_opd_peft.opd.config import LOSSES
 
     assert tuple(m.value for m in Loss) == LOSSES
@@ -140,7 +140,7 @@ def test_train_mask_end_to_end(w, mask_run):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["peft_type"] == "SPARSE_OPD"
     if "training" in config:  # the recipe reaches the model card when this version records it
-        assert config["training"]["loss"] == "sampled_token" and config["training"]["steps"] == 2
+        assert config["training"]["loss"] == "full_kl" and config["training"]["steps"] == 2
     base = AutoModelForCausalLM.from_pretrained(w / "student")
     before = {k: v.clone() for k, v in base.state_dict().items()}
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()

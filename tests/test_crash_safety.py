@@ -194,11 +194,11 @@ def test_trainer_state_save_killed_at_every_step_resumes_from_the_newest_complet
 
 @pytest.mark.filterwarnings("ignore:.*a save was interrupted")
 def test_cli_resume_finds_a_state_left_in_state_tmp(tmp_path):
-    from sparse_opd_peft.cli_workflow_train import _resolve_resume
+    from sparse_opd_peft.workflow.train import resolve_resume
 
     acc = Accelerator(cpu=True)
     _save(acc, tmp_path / "run" / "state", 1)
     _save(acc, tmp_path / "probe" / "state", 2)
     os.replace(tmp_path / "run" / "state", tmp_path / "run" / "state.old")  # killed between the two renames
     os.replace(tmp_path / "probe" / "state", tmp_path / "run" / "state.tmp")
-    assert _resolve_resume(tmp_path / "run") == tmp_path / "run" / "state.tmp"
+    assert resolve_resume(tmp_path / "run") == tmp_path / "run" / "state.tmp"

@@ -17,13 +17,17 @@ from sparse_opd_peft.opd import (
     full_reverse_kl,
     generate_rollouts,
     grpo_advantages,
+    iw_prefix_weights,
+    leave_one_out_baseline,
     mix_advantages,
     policy_gradient_loss,
     position_ids_from_mask,
     sample_seed,
     sampled_token_advantages,
+    teacher_topk_logprobs,
     token_keep_weights,
     token_logprobs,
+    topk_reverse_kl,
 )
 
 EOS = 3
@@ -245,3 +249,149 @@ def test_sampler_never_picks_padded_rows_and_matches_softmax():
     freq = torch.bincount(picked, minlength=16).float() / 4000
     expected = torch.zeros(16).index_fill_(0, torch.tensor([1]), 1.0).softmax(-1)
     torch.testing.assert_close(freq, expected, atol=0.03, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Estimators of issue 14: clipped / baselined / prefix-weighted sampled-token advantages, top-k KL.
+
+
+def _clipped_kl_potential(r: torch.Tensor, c: float) -> torch.Tensor:
+    """g_c with g_c + g_c' = clip(r, -c, c): r - 1 inside, c - e^{c-r} above, -c - e^{-c-r} below (C¹ at ±c)."""
+    zero = torch.zeros_like(r)  # exponents only where their branch applies (no overflow elsewhere)
+    above = c - torch.exp(torch.where(r > c, c - r, zero))
+    below = -c - torch.exp(torch.where(r < -c, -c - r, zero))
+    return torch.where(r > c, above, torch.where(r < -c, below, r - 1.0))
+
+
+@pytest.mark.parametrize("clip", [0.5, 3.0, 1e6])
+def test_clipped_sampled_token_gradient_is_the_exact_gradient_of_a_clipped_kl(clip):
+    """E_y[-A_t ∇log p_s(y_t)] with A_t = -clip(r_t, -c, c) equals ∇ Σ_t D_c,t at the visited prefixes, where
+    D_c = Σ_v p_s(v) g_c(log p_s(v) - log p_T(v)) is computed from the full logits (exact enumeration); a clip
+    above every |r| gives the reverse-KL gradient."""
+    student, teacher = _lm(0), _lm(1)
+    comps, s_logits, t_logits = _enumerate(student, teacher)
+    mask = torch.ones_like(comps, dtype=torch.bool)
+    lp_s, lp_t = token_logprobs(s_logits, comps), token_logprobs(t_logits, comps)
+    weight = lp_s.sum(-1).exp().detach()
+    adv = sampled_token_advantages(lp_s, lp_t, mask, clip=clip)
+    if clip < 1.0:
+        assert adv.abs().max() == pytest.approx(clip)  # the clip binds
+    g_sampled = _grads(student, (weight * -(adv * lp_s).sum(-1)).sum())
+    ls, lt = s_logits.log_softmax(-1), t_logits.log_softmax(-1)
+    d_c = (ls.exp() * _clipped_kl_potential(ls - lt, clip)).sum(-1)
+    g_ref = _grads(student, (weight * d_c.sum(-1)).sum())
+    assert g_ref.norm() > 1e-3
+    _assert_same_direction(g_sampled, g_ref)
+    if clip > 100:
+        g_kl = _grads(student, (weight * full_reverse_kl(s_logits, t_logits, mask).sum(-1)).sum())
+        _assert_same_direction(g_sampled, g_kl)
+
+
+def test_leave_one_out_baseline_keeps_the_gradient_unbiased_and_is_a_leave_one_out_mean():
+    """Two independent rollouts, every pair of completions enumerated: the expected gradient with the per-position
+    leave-one-out baseline equals the exact reverse-KL gradient (the baseline of a row depends only on the other)."""
+    student, teacher = _lm(0), _lm(1)
+    comps, s_logits, t_logits = _enumerate(student, teacher)
+    n = comps.shape[0]
+    mask1 = completion_mask(comps, EOS)
+    lp_s, lp_t = token_logprobs(s_logits, comps), token_logprobs(t_logits, comps)
+    p_row = lp_s.sum(-1).exp().detach()
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    rows = torch.stack([i.reshape(-1), j.reshape(-1)], 1)  # (n², 2): the two rollouts of each batch
+    pair_p = p_row[rows[:, 0]] * p_row[rows[:, 1]]
+    adv1 = sampled_token_advantages(lp_s, lp_t, mask1)
+    total = torch.zeros((), dtype=torch.float64)
+    for b in range(rows.shape[0]):
+        r = rows[b]
+        m = mask1[r]
+        adv = adv1[r] - leave_one_out_baseline(adv1[r], m)
+        total = total + pair_p[b] * -(adv * lp_s[r] * m).sum() / 2
+    g_base = _grads(student, total)
+    g_kl = _grads(student, (p_row * full_reverse_kl(s_logits, t_logits, mask1).sum(-1)).sum())
+    _assert_same_direction(g_base, g_kl)
+    # the values: (S_t - v) / (n_t - 1) over masked rows; 0 for a position only one row reaches
+    v = torch.tensor([[1.0, 2.0, 3.0], [3.0, 4.0, 0.0], [5.0, 0.0, 0.0]])
+    m = torch.tensor([[True, True, True], [True, True, False], [True, False, False]])
+    expected = torch.tensor([[4.0, 4.0, 0.0], [3.0, 2.0, 0.0], [2.0, 0.0, 0.0]])
+    torch.testing.assert_close(leave_one_out_baseline(v, m), expected)
+    torch.testing.assert_close(  # sums over a larger batch (another micro-batch holds row 2)
+        leave_one_out_baseline(v[:2], m[:2], total=(v * m).sum(0), count=m.sum(0).float()), expected[:2]
+    )
+    with pytest.raises(ValueError, match="both total and count"):
+        leave_one_out_baseline(v, m, total=v.sum(0))
+
+
+def test_iw_prefix_weights_follow_the_iw_opd_formula():
+    gap = torch.tensor([[1.0, -3.0, 0.0, 4.0], [0.0, 0.0, 0.0, 0.0]])
+    mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
+    w = iw_prefix_weights(gap, mask, 0.5)
+    # row 0: |a| = 1, 3, 0 (position 3 masked), total 4: w_t = 1 + 0.5 (1 - prefix / 4)
+    torch.testing.assert_close(w[0], torch.tensor([1.5, 1.375, 1.0, 0.0]))
+    torch.testing.assert_close(w[1], torch.tensor([1.5, 1.5, 0.0, 0.0]))  # all-zero row: ε floor, no NaN
+    adv = sampled_token_advantages(gap, torch.zeros_like(gap), mask, prefix_gamma=0.5)
+    torch.testing.assert_close(adv, -gap * w)
+    torch.testing.assert_close(iw_prefix_weights(gap, mask, 0.0), mask.float())
+
+
+def test_teacher_topk_logprobs_are_chunked_exact_and_sorted():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 7, 12, generator=g).bfloat16()
+    ref = logits[..., :10].float().log_softmax(-1).topk(4, dim=-1)
+    for chunk in (1, 3, 100):
+        lp, ids = teacher_topk_logprobs(logits, 4, vocab_size=10, chunk_size=chunk)
+        assert lp.dtype == torch.float32 and ids.dtype == torch.int64 and lp.shape == (3, 7, 4)
+        torch.testing.assert_close(lp, ref.values)
+        assert torch.equal(ids, ref.indices)
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 10\]"):
+        teacher_topk_logprobs(logits, 11, vocab_size=10)
+
+
+def test_topk_kl_with_k_equal_to_the_vocabulary_is_full_kl_and_is_bounded_by_it():
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(3, 5, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    t = 3 * torch.randn(3, 5, 11, generator=g, dtype=torch.float64)
+    mask = torch.rand(3, 5, generator=g) > 0.3
+    full = full_reverse_kl(s, t, mask, vocab_size=7)
+    (g_full,) = torch.autograd.grad(full.sum(), s)
+    lp, ids = teacher_topk_logprobs(t, 7, vocab_size=7)
+    for chunk in (1, 4, 100):
+        out = topk_reverse_kl(s, lp, ids, mask, vocab_size=7, chunk_size=chunk)
+        torch.testing.assert_close(out, full)
+        torch.testing.assert_close(torch.autograd.grad(out.sum(), s)[0], g_full)
+    previous = torch.zeros_like(full)
+    for k in (1, 2, 4, 6):  # coarser buckets: 0 <= KL_k <= KL_{k+1} <= KL (up to the rounding of 1 - Σ top-k)
+        out = topk_reverse_kl(s, *teacher_topk_logprobs(t, k, vocab_size=7), mask, vocab_size=7)
+        assert (out >= -1e-8).all() and (out <= full + 1e-8).all()
+        assert (out >= previous - 1e-8).all()
+        previous = out.detach()
+        assert torch.autograd.grad(out.sum(), s)[0].isfinite().all()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_topk_kl_matches_its_formula_and_finite_differences(k):
+    """KL_k against a direct evaluation of the (k+1)-bucket formula, and its gradient against torch's
+    finite-difference check (float64)."""
+    g = torch.Generator().manual_seed(6)
+    s = torch.randn(2, 3, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    t = 2 * torch.randn(2, 3, 6, generator=g, dtype=torch.float64)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    lp, ids = teacher_topk_logprobs(t, k)
+    ps = s.softmax(-1).gather(-1, ids)
+    pt = lp.exp()
+    qs, qt = 1 - ps.sum(-1), 1 - pt.sum(-1)
+    ref = ((ps * (ps.log() - pt.log())).sum(-1) + qs * (qs.log() - qt.log())) * mask
+    torch.testing.assert_close(topk_reverse_kl(s, lp, ids, mask, chunk_size=2), ref)
+    assert torch.autograd.gradcheck(lambda x: topk_reverse_kl(x, lp, ids, mask, chunk_size=2), (s,))
+    with pytest.raises(ValueError, match="ids must lie in"):
+        topk_reverse_kl(s, lp, ids + 6, mask)
+    with pytest.raises(ValueError, match="share N and T"):
+        topk_reverse_kl(s, lp[:, :2], ids[:, :2], mask)
+
+
+def test_topk_kl_tail_floor_keeps_a_certain_teacher_finite():
+    """A teacher whose top-k mass rounds to 1 (tail 0 in float32) gives a large but finite loss and gradient."""
+    s = torch.zeros(1, 1, 5, requires_grad=True)
+    lp = torch.tensor([[[0.0]]])  # p_T(top-1) = 1 exactly
+    out = topk_reverse_kl(s, lp, torch.tensor([[[2]]]), torch.ones(1, 1, dtype=torch.bool))
+    assert out.isfinite().all() and out.item() > 5.0
+    assert torch.autograd.grad(out.sum(), s)[0].isfinite().all()

@@ -26,6 +26,7 @@ from sparse_opd_peft.lab.toy import (
     lr_factor,
     make_splits,
     tokenize_sft,
+    world_key,
 )
 
 # ---------------------------------------------------------------- tokenizer
@@ -228,7 +229,9 @@ def test_world_build_and_cache_hit(tiny_worlds):
     recipe, built, loaded, load_seconds, _ = tiny_worlds
     assert not built.from_cache and loaded.from_cache
     assert load_seconds < 5.0
-    assert built.key == loaded.key == cache_key(recipe) and built.path == loaded.path
+    assert built.key == loaded.key == world_key(built.path) and built.path == loaded.path
+    assert built.path.name == cache_key(recipe)  # cached under the recipe's hash, keyed by its files
+    assert not built.shipped and built.record["command"] == "sparse_opd_peft.lab.toy.build_world"
     for name in ("teacher", "student", "tokenizer"):
         assert (built.path / name).is_dir()
     assert (built.path / "world.json").is_file()
@@ -246,6 +249,7 @@ def test_world_build_and_cache_hit(tiny_worlds):
 def test_world_build_is_deterministic(tiny_worlds):
     _, built, _, _, rebuilt = tiny_worlds
     assert built.path != rebuilt.path and not rebuilt.from_cache
+    assert built.key == rebuilt.key  # same machine, same recipe: the same files
     assert _same_weights(built.teacher, rebuilt.teacher)
     assert _same_weights(built.student, rebuilt.student)
     assert built.accuracies == rebuilt.accuracies
@@ -275,3 +279,23 @@ def test_default_cache_dir_env(monkeypatch, tmp_path):
     assert default_cache_dir().parts[-2:] == ("sparse_opd_peft", "toy")
     with pytest.raises(ValueError, match="ToyRecipe"):
         build_world(tmp_path, recipe={"seed": 0})
+
+
+def test_build_world_without_recipe_is_the_shipped_world(tmp_path):
+    from sparse_opd_peft.lab.toy import SHIPPED_WORLD_DIR
+
+    world = build_world(tmp_path)  # nothing trained, nothing written to the cache
+    assert world.shipped and world.path == SHIPPED_WORLD_DIR and world.from_cache
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_toy_module_cli_shows_the_shipped_world_and_refuses_bad_flags(capsys, tmp_path):
+    from sparse_opd_peft.lab.toy.__main__ import main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert f"shipped world {world_key(__import__('sparse_opd_peft.lab.toy', fromlist=['x']).SHIPPED_WORLD_DIR)}" in out
+    assert "built by: python -m sparse_opd_peft.lab.toy" in out and "student  add" in out
+    with pytest.raises(SystemExit) as err:
+        main(["--export", str(tmp_path / "x")])
+    assert err.value.code == 2 and "--export needs --rebuild" in capsys.readouterr().err

@@ -113,7 +113,12 @@ def markdown_summary(result: dict) -> str:
 
 
 def _plt():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as err:  # an optional extra: the JSON / markdown reports do not need it
+        raise ImportError(
+            "the diagnostics plots need matplotlib: pip install 'sparse_opd_peft[plots]' (or matplotlib)"
+        ) from err
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt

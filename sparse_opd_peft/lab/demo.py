@@ -123,9 +123,9 @@ def _plot(rows: list[dict], histories: dict[str, list[dict]], path: Path) -> Non
         label.set_horizontalalignment("right")
     for i, r in enumerate(rows):
         ax1.text(i, 100 * r["accuracy"] + 1, f"{100 * r['accuracy']:.1f}", ha="center")
-    for name, hist in histories.items():
-        steps = [h["step"] for h in hist if "kl" in h]
-        ax2.plot(steps, [h["kl"] for h in hist if "kl" in h], label=name)
+    for color, (name, hist) in zip(("#1f77b4", "#2ca02c", "#d62728"), histories.items(), strict=False):
+        steps = [h["step"] for h in hist if "kl" in h]  # same colours as the bars of the same runs
+        ax2.plot(steps, [h["kl"] for h in hist if "kl" in h], label=name, color=color)
     ax2.set_xlabel("step")
     ax2.set_ylabel("teacher reverse KL per token (estimate)")
     ax2.legend()

@@ -19,17 +19,21 @@ from .checkpoint import (
     save_training_state,
     trainable_state_dict,
 )
-from .config import LOSSES, TOKEN_KEEP, OPDConfig
+from .config import BASELINES, LOSSES, TOKEN_KEEP, OPDConfig
 from .losses import (
     discounted_future_sum,
     full_reverse_kl,
     grpo_advantages,
+    iw_prefix_weights,
+    leave_one_out_baseline,
     mix_advantages,
     policy_gradient_loss,
     reverse_kl_estimate,
     sampled_token_advantages,
+    teacher_topk_logprobs,
     token_keep_weights,
     token_logprobs,
+    topk_reverse_kl,
 )
 from .rollout import (
     Rollout,
@@ -47,6 +51,7 @@ from .tokenizers import check_tokenizer_compat, model_vocab_rows
 from .trainer import OPDTrainer, RewardFn
 
 __all__ = [
+    "BASELINES",
     "LOSSES",
     "TOKEN_KEEP",
     "OPDConfig",
@@ -63,6 +68,8 @@ __all__ = [
     "full_reverse_kl",
     "generate_rollouts",
     "grpo_advantages",
+    "iw_prefix_weights",
+    "leave_one_out_baseline",
     "mix_advantages",
     "model_vocab_rows",
     "policy_gradient_loss",
@@ -74,8 +81,10 @@ __all__ = [
     "save_trainable_state",
     "load_training_state",
     "save_training_state",
+    "teacher_topk_logprobs",
     "token_keep_weights",
     "token_logprobs",
+    "topk_reverse_kl",
     "trainable_state_dict",
     "unwrap_for_generation",
 ]

@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
-LOSSES = ("sampled_token", "full_kl", "sft", "rlvr", "mix")
-TOKEN_KEEP = ("all", "top_gap", "random")
-LR_SCHEDULES = ("linear", "constant")
-OPTIMIZERS = ("adamw", "sgd")
+from ..choices import BASELINES, LOSSES, LR_SCHEDULES, OPTIMIZERS, TOKEN_KEEP  # noqa: F401 - re-exported
+
 # Fields that change neither the trajectory nor the final weights: they may differ between a run and its resume.
 RESUME_FREE_FIELDS = (
     "steps",
@@ -30,13 +28,26 @@ RESUME_FREE_FIELDS = (
 class OPDConfig:
     """Configuration of :class:`~sparse_opd_peft.opd.OPDTrainer`.
 
-    Objective (``loss``):
-        ``"sampled_token"`` (default): per completion token ``A_t = -(log p_s(y_t) - log p_T(y_t))`` (detached; with
-        ``discount > 0`` the discounted future sum ``Σ_{t'≥t} γ^{t'-t} A_t'``), loss ``-Σ A_t log p_s(y_t) / N``.
-        ``"full_kl"``: exact reverse KL ``Σ_v p_s(v)(log p_s(v) - log p_T(v))`` at every visited prefix, computed in
-        chunks of ``full_kl_chunk`` positions. ``"sft"``: cross-entropy on the dataset's completions (``completion``
-        column, else ``answer`` + EOS). ``"rlvr"``: GRPO with the verifier reward, group-normalised over the
-        ``num_generations`` samples of a prompt. ``"mix"``: ``A = alpha·A_OPD + (1 - alpha)·A_RLVR``.
+    Objective (``loss``), which to use when (measured on the toy world: ``benchmarks/results/estimators.md``):
+        ``"full_kl"`` (default): exact reverse KL ``Σ_v p_s(v)(log p_s(v) - log p_T(v))`` at every visited prefix,
+        computed in chunks of ``full_kl_chunk`` positions (memory ``O(chunk · V)`` beyond the logits). Needs the
+        teacher's full logits in the training process. The lowest-variance choice: use it whenever it fits.
+        ``"topk_kl"``: reverse KL against the teacher's ``topk`` largest log-probs with the rest of the vocabulary
+        as one tail bucket, ``Σ_{v∈K} p_s(v)(log p_s(v) - log p_T(v)) + q_s (log q_s - log q_T)`` (``q = 1 - Σ_{v∈K}
+        p(v)``); the teacher side is only ``(N, T, k)`` log-probs and ids (:meth:`OPDTrainer.teacher_topk`), what a
+        teacher served by another process returns. ``topk`` = vocabulary size is ``full_kl``.
+        ``"sampled_token"``: per completion token ``A_t = -(log p_s(y_t) - log p_T(y_t))`` (detached; with
+        ``discount > 0`` the discounted future sum ``Σ_{t'≥t} γ^{t'-t} A_t'``), loss ``-Σ A_t log p_s(y_t) / N``:
+        needs only the teacher's log-prob of each sampled token, but is the noisiest. Variance reductions:
+        ``sampled_token_baseline="position"`` (the default for ``sampled_token``; ``None`` picks it, and ``"none"``
+        for ``mix``) subtracts from ``A_t`` the mean advantage at the same completion position over the global
+        batch's other rows (unbiased; one extra no-grad student forward per step); ``sampled_token_clip=c`` bounds the log-ratio to ``[-c, c]`` (verl's clamp; biased);
+        ``sampled_token_prefix_gamma=γ`` weights token ``t`` by IW-OPD's ``1 + γ(1 - Σ_{j<t}|A_j| / Σ_j |A_j|)``.
+        ``sampled_token_baseline="none"``, ``sampled_token_clip=None``, ``sampled_token_prefix_gamma=0`` is the plain
+        estimator (tinker's, verl's k1). These three apply to ``sampled_token`` and ``mix`` only.
+        ``"sft"``: cross-entropy on the dataset's completions (``completion`` column, else ``answer`` + EOS).
+        ``"rlvr"``: GRPO with the verifier reward, group-normalised over the ``num_generations`` samples of a prompt.
+        ``"mix"``: ``A = alpha·A_OPD + (1 - alpha)·A_RLVR`` (``A_OPD`` the sampled-token advantage).
         Every loss is normalised by the number of completion tokens of the whole (global) batch.
 
     Controls from the papers: ``token_keep`` (``"top_gap"`` keeps the ``token_keep_ratio`` share of a sample's
@@ -48,7 +59,8 @@ class OPDConfig:
     the result does not depend on it up to float rounding). Rollouts are seeded per (seed, step, prompt, sample), so
     they do not depend on the number of processes, the micro-batching or a resume.
 
-    Learning rate: ``lr`` with ``lr_schedule`` ``"linear"`` (decay to 0 at ``steps``, after ``warmup_steps`` of linear
+    Learning rate: ``lr`` (default 1e-3, the toy world's measured recipe with a small model or an adapter; full
+    fine-tuning of a pretrained LLM wants ~1e-6 to 1e-5) with ``lr_schedule`` ``"linear"`` (decay to 0 at ``steps``, after ``warmup_steps`` of linear
     warm-up) or ``"constant"``. ``optimizer``: ``"adamw"`` (betas ``adam_betas``) or ``"sgd"`` (``momentum``).
     ``weight_decay`` applies to every trainable tensor except biases and normalisation weights.
 
@@ -57,7 +69,11 @@ class OPDConfig:
     ``checkpoint_dir/state`` (``accelerate`` state + step counter + history).
     """
 
-    loss: str = "sampled_token"
+    loss: str = "full_kl"
+    sampled_token_clip: Optional[float] = None
+    sampled_token_baseline: Optional[str] = None
+    sampled_token_prefix_gamma: float = 0.0
+    topk: int = 20
     alpha: float = 0.5
     discount: float = 0.0
     token_keep: str = "all"
@@ -67,7 +83,7 @@ class OPDConfig:
     temperature: float = 1.0
     max_new_tokens: int = 64
     grpo_std_normalize: Optional[bool] = None
-    lr: float = 1e-5
+    lr: float = 1e-3
     lr_schedule: str = "linear"
     warmup_steps: int = 0
     optimizer: str = "adamw"
@@ -105,7 +121,7 @@ class OPDConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise bad(name, getattr(self, name), f"choose one of {list(allowed)}")
-        for name in ("num_generations", "max_new_tokens", "batch_size", "grad_accum", "steps", "full_kl_chunk"):
+        for name in ("num_generations", "max_new_tokens", "batch_size", "grad_accum", "steps", "full_kl_chunk", "topk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise bad(name, value, "must be an integer >= 1")
@@ -123,6 +139,25 @@ class OPDConfig:
             raise bad("discount", self.discount, "the discount γ must lie in [0, 1] (0 = per-token advantage)")
         if not 0.0 < self.token_keep_ratio <= 1.0:
             raise bad("token_keep_ratio", self.token_keep_ratio, "the kept share ρ must lie in (0, 1]")
+        if self.sampled_token_clip is not None and (
+            isinstance(self.sampled_token_clip, bool)
+            or not isinstance(self.sampled_token_clip, (int, float))
+            or not 0.0 < self.sampled_token_clip < float("inf")
+        ):
+            raise bad(
+                "sampled_token_clip",
+                self.sampled_token_clip,
+                "the bound on |log p_s - log p_T| per token must be a finite number > 0, or None (no clipping)",
+            )
+        if self.sampled_token_baseline is not None and self.sampled_token_baseline not in BASELINES:
+            raise bad(
+                "sampled_token_baseline",
+                self.sampled_token_baseline,
+                f"choose one of {list(BASELINES)}, or None (the loss's default)",
+            )
+        gamma = self.sampled_token_prefix_gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < float("inf"):
+            raise bad("sampled_token_prefix_gamma", gamma, "the IW-OPD prefix weight γ must be a finite number >= 0")
         if not self.temperature > 0.0:
             raise bad("temperature", self.temperature, "must be > 0 (rollouts are sampled)")
         if not self.lr > 0.0:
@@ -157,9 +192,9 @@ class OPDConfig:
         if self.loss == "rlvr" and self.off_policy:
             raise ValueError(
                 "OPDConfig: off_policy=True (teacher rollouts) is an OPD control; use it with loss "
-                "'sampled_token', 'full_kl' or 'mix', not 'rlvr'"
+                "'sampled_token', 'full_kl', 'topk_kl' or 'mix', not 'rlvr'"
             )
-        if self.token_keep != "all" and self.loss not in ("sampled_token", "full_kl", "mix"):
+        if self.token_keep != "all" and self.loss not in ("sampled_token", "full_kl", "topk_kl", "mix"):
             raise bad(
                 "token_keep", self.token_keep, f"token sparsification needs a teacher signal, not loss={self.loss!r}"
             )
@@ -173,12 +208,21 @@ class OPDConfig:
     @property
     def needs_teacher(self) -> bool:
         """Whether the loss (or an off-policy rollout) uses the teacher."""
-        return self.loss in ("sampled_token", "full_kl", "mix") or self.off_policy
+        return self.loss in ("sampled_token", "full_kl", "topk_kl", "mix") or self.off_policy
 
     @property
     def needs_reward(self) -> bool:
         """Whether the loss uses the verifier reward."""
         return self.loss in ("rlvr", "mix")
+
+    @property
+    def baseline(self) -> str:
+        """The sampled-token baseline in force: ``sampled_token_baseline``, or by default ``"position"`` for
+        ``sampled_token`` (the variance reduction that learns on the toy world) and ``"none"`` for ``mix`` (the
+        paper's α-mix recipe, raw OPD advantages)."""
+        if self.sampled_token_baseline is not None:
+            return self.sampled_token_baseline
+        return "position" if self.loss == "sampled_token" else "none"
 
     @property
     def std_normalize(self) -> bool:
@@ -204,14 +248,20 @@ class OPDConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> OPDConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise a ``ValueError`` naming them."""
+        """Inverse of :meth:`to_dict`; unknown keys raise a ``ValueError`` naming them. A dict without
+        ``sampled_token_baseline`` (saved before that field existed) gets ``"none"``, the estimator it ran with."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown OPDConfig fields {unknown}; known fields: {sorted(known)}")
+        if "sampled_token_baseline" not in data and "loss" in data:
+            # written before the baseline existed: that run used the plain estimator, so resume it unchanged
+            data = {**data, "sampled_token_baseline": "none"}
         return cls(**data)
 
     def trajectory_diff(self, other: OPDConfig) -> dict[str, tuple[Any, Any]]:
         """Fields (other than bookkeeping ones) whose values differ: ``{name: (self_value, other_value)}``."""
         a, b = self.to_dict(), other.to_dict()
+        for d, c in ((a, self), (b, other)):  # the baseline in force (None and its loss's default are the same run)
+            d["sampled_token_baseline"] = c.baseline if c.loss in ("sampled_token", "mix") else None
         return {k: (a[k], b[k]) for k in a if k not in RESUME_FREE_FIELDS and a[k] != b[k]}

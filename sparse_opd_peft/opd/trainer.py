@@ -53,6 +53,8 @@ class _Batch:
     rewards: Optional[torch.Tensor]  # (N,)
     rlvr_adv: Optional[torch.Tensor]  # (N,)
     keep_scores: Optional[torch.Tensor]  # (N, C)
+    teacher_lp: Optional[torch.Tensor] = None  # (N, C) cached by the baseline pre-pass
+    opd_adv: Optional[torch.Tensor] = None  # (N, C) OPD advantages with the baseline subtracted (pre-pass)
 
 
 class OPDTrainer:
@@ -120,6 +122,11 @@ class OPDTrainer:
         self.tokenizer, self.teacher, self.reward_fn = tokenizer, teacher, reward_fn
         self.train_dataset, self.eval_dataset = train_dataset, eval_dataset
         self.vocab_size = len(tokenizer)
+        if cfg.loss == "topk_kl" and cfg.topk > self.vocab_size:
+            raise ValueError(
+                f"OPDConfig.topk={cfg.topk} exceeds the vocabulary ({self.vocab_size} tokens); use topk <= "
+                f"{self.vocab_size} (topk = vocabulary size is the exact full_kl)"
+            )
         self._prompts = list(train_dataset["prompt"])
         self._answers = list(train_dataset["answer"]) if "answer" in cols else [None] * len(self._prompts)
         self._completions = list(train_dataset["completion"]) if "completion" in cols else None
@@ -232,6 +239,61 @@ class OPDTrainer:
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits[:, -(width + 1) : -1]
 
+    def _teacher_token_logprobs(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(teacher logits (N, C, V') on the teacher's device, teacher log-probs (N, C) of the sampled tokens on the
+        trainer's device)``, under ``no_grad``."""
+        with torch.no_grad():
+            t_logits = self._completion_logits(self.teacher, ro, id(self.teacher))
+            ids = ro.completion_ids.to(t_logits.device)
+            lp_t = L.token_logprobs(t_logits, ids, self.vocab_size, self.config.full_kl_chunk)
+        return t_logits, lp_t.to(self.accelerator.device)
+
+    def teacher_topk(self, ro: Rollout, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's ``config.topk`` largest log-probabilities ``(N, C, k)`` float32 and their token ids
+        ``(N, C, k)`` int64 at every completion position of ``ro``: the only teacher signal ``loss="topk_kl"`` uses.
+        Here from the local teacher's logits ``(N, C, V')``; a subclass may instead ask a teacher served by another
+        process for the same two tensors."""
+        return L.teacher_topk_logprobs(teacher_logits, self.config.topk, self.vocab_size, self.config.full_kl_chunk)
+
+    def _opd_advantages(
+        self, lp_s: torch.Tensor, lp_t: torch.Tensor, mask: torch.Tensor, keep_w: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        cfg = self.config
+        return L.sampled_token_advantages(
+            lp_s, lp_t, mask, cfg.discount, keep_w, cfg.sampled_token_clip, cfg.sampled_token_prefix_gamma
+        )
+
+    def _keep_weights(self, b: _Batch, gap: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        cfg = self.config
+        if cfg.token_keep == "all":
+            return None
+        return L.token_keep_weights(gap, b.rollout.completion_mask, cfg.token_keep, cfg.token_keep_ratio, b.keep_scores)
+
+    def _baseline_prepass(self, batches: list[_Batch]) -> None:
+        """``OPDConfig.baseline == "position"``: the OPD advantages of every micro-batch (one extra no-grad student
+        forward), minus the per-position leave-one-out mean over the *global* batch (all micro-batches and
+        processes), cached in each batch with its teacher log-probs."""
+        cfg, acc = self.config, self.accelerator
+        width = cfg.max_new_tokens
+        total = torch.zeros(width, dtype=torch.float64, device=acc.device)
+        count = torch.zeros(width, dtype=torch.float64, device=acc.device)
+        with torch.no_grad():
+            for b in batches:
+                ro, mask = b.rollout, b.rollout.completion_mask
+                logits = self._completion_logits(self.model, ro, self._student_id)
+                lp_s = L.token_logprobs(logits, ro.completion_ids, self.vocab_size, cfg.full_kl_chunk)
+                del logits
+                b.teacher_lp = self._teacher_token_logprobs(ro)[1]
+                b.opd_adv = self._opd_advantages(lp_s, b.teacher_lp, mask, self._keep_weights(b, lp_s - b.teacher_lp))
+                c = mask.shape[1]
+                total[:c] += b.opd_adv.double().sum(0)
+                count[:c] += mask.sum(0).double()
+        both = acc.reduce(torch.cat([total, count]), "sum")
+        total, count = both[:width], both[width:]
+        for b in batches:
+            mask = b.rollout.completion_mask
+            b.opd_adv = (b.opd_adv - L.leave_one_out_baseline(b.opd_adv, mask, total, count)) * mask
+
     def _loss(self, b: _Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """Summed (not yet normalised) loss of one micro-batch and its metric sums."""
         cfg, ro, v, dev = self.config, b.rollout, self.vocab_size, self.accelerator.device
@@ -241,25 +303,28 @@ class OPDTrainer:
         stats: dict[str, float] = {}
         lp_t = t_logits = None
         if self.teacher is not None and cfg.loss != "sft":
-            with torch.no_grad():
-                t_logits = self._completion_logits(self.teacher, ro, id(self.teacher))
-                lp_t = L.token_logprobs(t_logits, ids.to(t_logits.device), v, cfg.full_kl_chunk).to(dev)
+            if b.teacher_lp is not None and cfg.loss not in ("full_kl", "topk_kl"):
+                lp_t = b.teacher_lp
+            else:
+                t_logits, lp_t = self._teacher_token_logprobs(ro)
             stats["kl"] = float(((lp_s.detach() - lp_t) * mask).sum())
-        keep_w = None
-        if cfg.token_keep != "all":
-            keep_w = L.token_keep_weights(
-                lp_s.detach() - lp_t, mask, cfg.token_keep, cfg.token_keep_ratio, b.keep_scores
-            )
+        keep_w = self._keep_weights(b, None if lp_t is None else lp_s.detach() - lp_t)
         if cfg.loss == "full_kl":
             kl = L.full_reverse_kl(logits, t_logits.to(dev), mask, v, cfg.full_kl_chunk)
             stats["kl_exact"] = float(kl.detach().sum())
+            loss = (kl * (keep_w if keep_w is not None else mask)).sum()
+        elif cfg.loss == "topk_kl":
+            top_lp, top_ids = self.teacher_topk(ro, t_logits)
+            del t_logits
+            kl = L.topk_reverse_kl(logits, top_lp.to(dev), top_ids.to(dev), mask, v, cfg.full_kl_chunk)
+            stats["kl_topk"] = float(kl.detach().sum())
             loss = (kl * (keep_w if keep_w is not None else mask)).sum()
         elif cfg.loss == "sft":
             loss = L.policy_gradient_loss(lp_s, torch.ones_like(lp_s), mask, 1.0)
         elif cfg.loss == "rlvr":
             loss = L.policy_gradient_loss(lp_s, b.rlvr_adv, mask, 1.0)
         else:
-            adv = L.sampled_token_advantages(lp_s, lp_t, mask, cfg.discount, keep_w)
+            adv = b.opd_adv if b.opd_adv is not None else self._opd_advantages(lp_s, lp_t, mask, keep_w)
             if cfg.loss == "mix":
                 adv = L.mix_advantages(adv, b.rlvr_adv, cfg.alpha, mask)
             loss = L.policy_gradient_loss(lp_s, adv, mask, 1.0)
@@ -280,6 +345,8 @@ class OPDTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
+        if cfg.baseline != "none" and cfg.loss in ("sampled_token", "mix"):
+            self._baseline_prepass(batches)
         sums: dict[str, float] = {}
         for i, b in enumerate(batches):
             with acc.no_sync(self.model) if i < len(batches) - 1 else nullcontext():
@@ -329,7 +396,7 @@ class OPDTrainer:
 
         Returns:
             ``self.history``: one dict per step (``step``, ``loss``, ``lr``, ``grad_norm``, ``kl`` (teacher reverse-KL
-            estimate per token), ``kl_exact`` (full_kl), ``reward`` / ``accuracy`` (with ``reward_fn``),
+            estimate per token), ``kl_exact`` (full_kl), ``kl_topk`` (topk_kl), ``reward`` / ``accuracy`` (with ``reward_fn``),
             ``completion_length``, ``eos_rate``, ``tokens_per_s``, and ``eval_*`` on evaluation steps).
         """
         cfg, acc = self.config, self.accelerator

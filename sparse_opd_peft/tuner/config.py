@@ -11,9 +11,9 @@ from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 
+from ..choices import SAVE_DTYPES
 from .peft_type import PEFT_TYPE
 
-SAVE_DTYPES = ("float32", "bfloat16", "float16")
 GRAD_PATHS = ("auto", "dense_rows", "sampled", "gather")
 CONFIG_FORMAT_VERSION = 1
 # Fields that hold tensors or objects at construction time; they never reach adapter_config.json.
@@ -179,7 +179,9 @@ class SparseOPDConfig(PeftConfig):
         source = os.fspath(pretrained_model_name_or_path)
         local = os.path.join(source, subfolder or "", "adapter_config.json")
         if os.path.isfile(local):  # the raw JSON fields first: a clear error instead of a traceback
-            check_adapter_config_fields(read_adapter_config_json(local), local)
+            raw = read_adapter_config_json(local)
+            if str(raw.get("peft_type")) == PEFT_TYPE.value:  # another method's config: check_kwargs says so below
+                check_adapter_config_fields(raw, local)
         try:
             config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         except ValueError as err:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import typer
 
-from .cli import app, cli_errors, fail
+from .errors import cli_errors, fail
+from .options import Command, flag
 
 _PASS_THROUGH = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
@@ -25,11 +26,13 @@ def _upload_failure(repo_id: str, err: BaseException) -> str:
     )
 
 
-@app.command(
-    epilog="Examples: sparse-opd push runs/adapter my-org/qwen3-sparse-opd --dry-run (validate, list files and sizes, "
+PUSH_EPILOG = (
+    "Examples: sparse-opd push runs/adapter my-org/qwen3-sparse-opd --dry-run (validate, list files and sizes, "
     "no network); sparse-opd push runs/adapter my-org/qwen3-sparse-opd --branch v1 --private. Load it back with "
     'PeftModel.from_pretrained(base, "my-org/qwen3-sparse-opd", revision="v1") after `import sparse_opd_peft`.'
 )
+
+
 def push(
     adapter: Path = typer.Argument(
         ...,
@@ -40,21 +43,19 @@ def push(
     revision: str = typer.Option(
         None, "--revision", "--branch", help="Branch to push to (created if missing). Default: the main branch."
     ),
-    private: bool = typer.Option(False, "--private", help="Create the repo as private (no effect if it exists)."),
+    private: bool = flag("--private", help="Create the repo as private (no effect if it exists)."),
     commit_message: str = typer.Option(None, "--commit-message", "-m", help="Commit message (default: a summary)."),
     token: str = typer.Option(
         None, "--token", help="Hub token with write access (default: $HF_TOKEN or the `hf auth login` token)."
     ),
-    create_pr: bool = typer.Option(False, "--create-pr", help="Open a pull request instead of committing directly."),
-    dry_run: bool = typer.Option(
-        False,
-        "--dry-run",
-        help="Validate the adapter and print the files and sizes that would be uploaded; no network.",
+    create_pr: bool = flag("--create-pr", help="Open a pull request instead of committing directly."),
+    dry_run: bool = flag(
+        "--dry-run", help="Validate the adapter and print the files and sizes that would be uploaded; no network."
     ),
 ) -> None:
     """Upload a SparseOPD adapter to the Hub: adapter_config.json, adapter_model.safetensors and its model card (README.md, usage snippet pointed at REPO_ID), in one commit."""  # noqa: E501
-    from .hub import push_adapter
-    from .model_card import human_bytes
+    from ..hub import push_adapter
+    from ..model_card import human_bytes
 
     with cli_errors():
         try:
@@ -80,3 +81,8 @@ def push(
     typer.echo("\n".join(lines))
     if result.commit_url:
         typer.echo(f"commit: {result.commit_url}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add push to ``app``."""
+    app.command(cls=Command, epilog=PUSH_EPILOG)(push)

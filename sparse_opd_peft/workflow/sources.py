@@ -1,72 +1,21 @@
-"""``sparse-opd train | merge | inspect``: the training workflow on the command line.
-
-Every command validates its whole input (files, columns, adapter choice, models, tokenizers) before it writes
-anything; outputs are staged in a temporary sibling directory and renamed into place, so a failure leaves nothing
-half-written. Heavy libraries (torch, transformers, peft, datasets) are imported inside the commands.
-"""
+"""Checked sources (model, tokenizer and adapter directories or Hub ids) and output directories of the workflows."""
 
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?(@[\w./-]+)?")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-TRUST_HELP = "Allow model code from the checkpoint's repository to run (off by default; only for sources you trust)."
-
-
-class Loss(str, Enum):
-    sampled_token = "sampled_token"
-    full_kl = "full_kl"
-    sft = "sft"
-    rlvr = "rlvr"
-    mix = "mix"
-
-
-class Optim(str, Enum):
-    adamw = "adamw"
-    sgd = "sgd"
-
-
-class Schedule(str, Enum):
-    linear = "linear"
-    constant = "constant"
-
-
-class TokenKeep(str, Enum):
-    all = "all"
-    top_gap = "top_gap"
-    random = "random"
-
-
-class ModelDtype(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class MergeDtype(str, Enum):
-    auto = "auto"
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class SaveDtype(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
 
 
 def quiet_library_warnings() -> None:
     """Keep stderr for our own output: hide transformers' per-load progress bars ("Loading weights", "Writing model
     shards") and a deprecation notice that peft triggers in transformers 5 on every ``PeftModel``; neither is
-    actionable for a CLI user and both would break the one-line ``error:`` output."""
+    actionable for a command-line user and both would break the one-line ``error:`` output."""
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -76,12 +25,12 @@ def quiet_library_warnings() -> None:
 
 
 def torch_dtype(name: str):
+    """``"fp32" | "bf16" | "fp16"`` (:data:`sparse_opd_peft.choices.MODEL_DTYPES`) -> ``torch.dtype``."""
     import torch
 
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
-# ---------------------------------------------------------------------------------------------- sources and outputs
 def resolve_source(source: str, what: str, kind: str = "model") -> tuple[str, Optional[str]]:
     """``(local path or Hub id, revision)`` of a model / tokenizer / adapter argument, checked without network.
 
@@ -160,7 +109,7 @@ def read_adapter_config(directory: Path) -> dict:
     """
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 
-    from .tuner.files import check_adapter_config_fields, read_adapter_config_json
+    from ..tuner.files import check_adapter_config_fields, read_adapter_config_json
 
     path = directory / "adapter_config.json"
     data = read_adapter_config_json(path)
@@ -196,6 +145,8 @@ def missing_ancestors(path: Path) -> list[Path]:
 
 def remove_created(created: list[Path]) -> None:
     """Remove the directories :func:`missing_ancestors` listed (removing the outermost, last, removes them all)."""
+    import shutil
+
     if created:
         shutil.rmtree(created[-1], ignore_errors=True)
 
@@ -204,7 +155,7 @@ def remove_created(created: list[Path]) -> None:
 def staged_dir(out: Path) -> Iterator[Path]:
     """Yield an empty temporary sibling of ``out``; on success it replaces ``out`` as a whole, on failure it is
     removed together with any parent directory created for it (:func:`sparse_opd_peft.atomic.staged_directory`)."""
-    from .atomic import staged_directory
+    from ..atomic import staged_directory
 
     with staged_directory(out) as tmp:
         yield tmp
@@ -212,10 +163,6 @@ def staged_dir(out: Path) -> Iterator[Path]:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON (indent 1, ``str`` for other objects) through a temporary file and an atomic rename."""
-    from .atomic import write_json_atomic
+    from ..atomic import write_json_atomic
 
     write_json_atomic(path, data, indent=1, default=str)
-
-
-# The commands live in two sibling modules (one file each stays short); importing them registers them on `app`.
-from . import cli_workflow_inspect, cli_workflow_train  # noqa: E402, F401

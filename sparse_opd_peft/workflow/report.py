@@ -1,36 +1,20 @@
-"""``sparse-opd merge`` and ``sparse-opd inspect``: fold an adapter into its base, and describe a saved adapter."""
+"""``sparse-opd inspect`` as library functions: describe a saved sparse_opd adapter (:func:`adapter_report`, as a
+JSON-able dict; :func:`render_report`, as text) and summarise a merge report (:func:`merge_summary`)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import struct
-import warnings
 from pathlib import Path
 from typing import Optional
 
-import typer
-
-from .cli import app, cli_errors
-from .cli_workflow import (
-    TRUST_HELP,
-    MergeDtype,
-    adapter_dir,
-    check_out_dir,
-    has_tokenizer,
-    load_causal_lm,
-    load_tokenizer,
-    quiet_library_warnings,
-    read_adapter_config,
-    resolve_source,
-    staged_dir,
-    torch_dtype,
-)
+from .sources import load_causal_lm, read_adapter_config
 
 WEIGHTS = "adapter_model.safetensors"
 
 
-def _sparse_config(directory: Path, what: str):
+def sparse_adapter_config(directory: Path, what: str):
     """``SparseOPDConfig`` of a saved adapter (format version and weights file checked), or ``ValueError`` for an
     adapter of another peft method."""
     kind = read_adapter_config(directory)["peft_type"]
@@ -41,14 +25,14 @@ def _sparse_config(directory: Path, what: str):
         )
     if not (directory / WEIGHTS).is_file():
         raise FileNotFoundError(f"{what} {directory}: {WEIGHTS} is missing; re-save or re-download the adapter")
-    from .tuner import SparseOPDConfig
+    from ..tuner import SparseOPDConfig
 
     return SparseOPDConfig.from_pretrained(str(directory))
 
 
 def _by_type(rows: dict[str, dict], keys: tuple[str, ...]) -> dict[str, dict]:
     """Sum ``keys`` of per-module rows per module type (ffn / attention / other)."""
-    from .module_types import MODULE_TYPES, module_type
+    from ..module_types import MODULE_TYPES, module_type
 
     out = {t: {"modules": 0, **{k: 0 for k in keys}} for t in MODULE_TYPES}
     for name, row in rows.items():
@@ -72,18 +56,11 @@ def _safetensors_layout(path: Path) -> dict:
     return {"header_bytes": 8 + n, "tensors": tensors, "metadata": header.get("__metadata__", {})}
 
 
-def adapter_report(directory: Path, base: Optional[str] = None, trust_remote_code: bool = False) -> dict:
-    """Everything ``sparse-opd inspect`` shows, as a JSON-able dict.
+def _module_rows(config, layout: dict) -> tuple[dict[str, dict], dict[str, int]]:
+    """Per-module rows of :func:`adapter_report` and the weights file's bytes per part (values, coordinates, ...)."""
+    from ..module_types import module_type
+    from ..tuner.model import _module_name, _split_key
 
-    Keys: ``adapter``, ``save_dtype``, ``format_version``, ``modules`` (per module: type, shape, nnz, numel, density,
-    rank, trainable, packing), ``totals`` (nnz, numel, density, trainable), ``by_type`` (per ffn / attention / other:
-    modules, nnz, numel, density, share_of_nnz), ``fingerprint``, ``mask_metadata``, ``training``, ``visibility``
-    (bf16 visibility with ``base``, else ``computed: False``) and ``files`` (sizes, tensors, bytes per coordinate).
-    """
-    from .tuner.model import _module_name, _split_key
-
-    config = _sparse_config(directory, "ADAPTER")
-    layout = _safetensors_layout(directory / WEIGHTS)
     rows: dict[str, dict] = {}
     for name, (o, i) in sorted(config.module_shapes.items()):
         nnz, rank = int(config.module_nnz.get(name, 0)), int(config.module_rank.get(name, 0))
@@ -110,10 +87,22 @@ def adapter_report(directory: Path, base: Optional[str] = None, trust_remote_cod
         row = rows.get(_module_name(module))
         if row is not None and kind == "coordinates":
             row["packing"] = "bitmask" if param == "sparse_opd_bitmask" else f"indices ({t['dtype'].lower()})"
-    from .module_types import module_type
-
     for name, row in rows.items():
         row["type"] = module_type(name)
+    return rows, parts
+
+
+def adapter_report(directory: Path, base: Optional[str] = None, trust_remote_code: bool = False) -> dict:
+    """Everything ``sparse-opd inspect`` shows, as a JSON-able dict.
+
+    Keys: ``adapter``, ``save_dtype``, ``format_version``, ``modules`` (per module: type, shape, nnz, numel, density,
+    rank, trainable, packing), ``totals`` (nnz, numel, density, trainable), ``by_type`` (per ffn / attention / other:
+    modules, nnz, numel, density, share_of_nnz), ``fingerprint``, ``mask_metadata``, ``training``, ``visibility``
+    (bf16 visibility with ``base``, else ``computed: False``) and ``files`` (sizes, tensors, bytes per coordinate).
+    """
+    config = sparse_adapter_config(directory, "ADAPTER")
+    layout = _safetensors_layout(directory / WEIGHTS)
+    rows, parts = _module_rows(config, layout)
     nnz = sum(r["nnz"] for r in rows.values())
     numel = sum(r["numel"] for r in rows.values())
     trainable = sum(r["trainable"] for r in rows.values())
@@ -169,7 +158,7 @@ def adapter_report(directory: Path, base: Optional[str] = None, trust_remote_cod
 def _visibility(directory: Path, base: str, trust_remote_code: bool) -> dict:
     from peft import PeftModel
 
-    from .tuner import bf16_visibility
+    from ..tuner import bf16_visibility
 
     model = PeftModel.from_pretrained(load_causal_lm(base, "--base", "auto", trust_remote_code), str(directory))
     vis = bf16_visibility(model)
@@ -255,37 +244,8 @@ def render_report(r: dict) -> str:
     return "\n".join(lines)
 
 
-@app.command(
-    epilog="Examples: sparse-opd inspect runs/a/adapter ;  sparse-opd inspect runs/a/adapter --base ./student "
-    "(adds bf16 visibility) ;  sparse-opd inspect org/my-adapter --json > adapter.json"
-)
-def inspect(
-    adapter: str = typer.Argument(
-        ..., help="Adapter directory (adapter_config.json + adapter_model.safetensors) or Hub id."
-    ),
-    base: str = typer.Option(None, "--base", help="Base model (directory or Hub id) to compute bf16 visibility."),
-    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON instead of text."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
-) -> None:
-    """Describe a saved sparse_opd adapter: density overall and per module type (FFN / attention / other), per-module coordinates, base-model fingerprint, bf16 visibility (with --base) and file layout (tensors, packing, bytes per coordinate)."""  # noqa: E501
-    quiet_library_warnings()
-    with cli_errors():
-        report = adapter_report(adapter_dir(adapter), base, trust_remote_code)
-    typer.echo(json.dumps(report, indent=1, default=str) if as_json else render_report(report))
-
-
-def _stored_dtype(ref: str, revision: Optional[str], trust_remote_code: bool):
-    import torch
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(ref, revision=revision, trust_remote_code=trust_remote_code)
-    value = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
-    if isinstance(value, str):
-        value = getattr(torch, value, None)
-    return value if isinstance(value, torch.dtype) else None
-
-
-def _merge_summary(report: dict[str, dict]) -> str:
+def merge_summary(report: dict[str, dict]) -> str:
+    """One line about a sparse_opd merge report (``last_merge_report``): bf16-visible share overall and per type."""
     rows = {}
     for per_adapter in report.values():
         for name, row in per_adapter.items():
@@ -303,87 +263,3 @@ def _merge_summary(report: dict[str, dict]) -> str:
         if a["coords"]
     )
     return f"bf16-visible share of the delta {100 * share:.1f}% over {coords:,} coordinates in {len(rows)} modules ({types})"
-
-
-@app.command(
-    epilog="Examples: sparse-opd merge ./student runs/a/adapter --out merged/ ;  "
-    "sparse-opd merge Qwen/Qwen3-0.6B runs/a/adapter --out merged-bf16/ --dtype bf16.  "
-    "The merge is W <- dtype(float32(W) + ΔW), one rounding from the base's stored weights; the report says which "
-    "share of the update survives bf16 rounding (keep the adapter unmerged or save fp32 when it is low)."
-)
-def merge(
-    base: str = typer.Argument(..., help="Base model the adapter was trained on: directory or Hub id."),
-    adapter: str = typer.Argument(
-        ..., help="Adapter directory or Hub id (sparse_opd; LoRA and other peft adapters work too)."
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="Output model directory (new or empty, unless --overwrite)."),
-    dtype: MergeDtype = typer.Option(MergeDtype.auto, "--dtype", help="dtype of the saved model (auto: the base's)."),
-    tokenizer: str = typer.Option(
-        None, "--tokenizer", help="Tokenizer to save with the model (default: the base's, if any)."
-    ),
-    skip_fingerprint_check: bool = typer.Option(
-        False, "--skip-fingerprint-check", help="Merge even if BASE differs from the base the adapter was trained on."
-    ),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=TRUST_HELP),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out directory."),
-) -> None:
-    """Fold ADAPTER into BASE and save a plain transformers model (safetensors) that loads without peft."""
-    quiet_library_warnings()
-    with cli_errors():
-        check_out_dir(out, overwrite)
-        directory = adapter_dir(adapter)
-        kind = read_adapter_config(directory)["peft_type"]
-        if kind == "SPARSE_OPD":
-            config = _sparse_config(directory, "ADAPTER")
-            config.check_fingerprint = not skip_fingerprint_check
-        else:
-            from peft import PeftConfig
-
-            config = PeftConfig.from_pretrained(str(directory))
-        ref, revision = resolve_source(base, "BASE")
-        target = None if dtype is MergeDtype.auto else torch_dtype(dtype.value)
-        import torch
-
-        # Merge from the stored weights in their own dtype when no cast is asked, else in float32 and cast once.
-        load_dtype = (
-            "auto" if target is None or _stored_dtype(ref, revision, trust_remote_code) == target else torch.float32
-        )
-        base_model = load_causal_lm(base, "BASE", load_dtype, trust_remote_code)
-        tok = None
-        if tokenizer or has_tokenizer(base):
-            try:
-                tok = load_tokenizer(tokenizer or base, "--tokenizer" if tokenizer else "BASE", trust_remote_code)
-            except (OSError, ValueError):
-                if tokenizer or Path(base).expanduser().is_dir():
-                    raise
-        from peft import PeftModel
-
-        try:
-            model = PeftModel.from_pretrained(base_model, str(directory), config=config)
-        except ValueError as err:
-            if "base model mismatch" in str(err):
-                raise ValueError(f"{err} (sparse-opd merge: --skip-fingerprint-check)") from None
-            raise
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            merged = model.merge_and_unload()
-        report = getattr(model.base_model, "last_merge_report", None) if kind == "SPARSE_OPD" else None
-        if target is not None:
-            merged = merged.to(target)
-        out_dtype = next(merged.parameters()).dtype
-        with staged_dir(out) as tmp:
-            merged.save_pretrained(tmp)
-            if tok is not None:
-                tok.save_pretrained(tmp)
-    for w in caught:
-        lost = str(w.message).startswith("merging lost")
-        if lost and out_dtype == torch.bfloat16:
-            typer.echo(f"warning: {w.message}", err=True)
-        elif not lost:
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    summary = _merge_summary(report) if report is not None else f"merged a {kind} adapter (no visibility report)"
-    note = "" if out_dtype == torch.bfloat16 or report is None else " (matters when the weights are cast to bf16)"
-    typer.echo(
-        f"wrote {out} ({str(out_dtype).removeprefix('torch.')}{', tokenizer' if tok is not None else ''}): "
-        f"{summary}{note}"
-    )
