@@ -31,7 +31,7 @@ def test_shipped_world_loads_without_training(world):
     for key in ("torch", "transformers", "python", "command", "build_seconds", "accuracies"):
         assert key in meta, key
     # the shipped world was built before the toy world moved to sparse_opd_peft.lab.toy: its record keeps the old name
-    assert meta["command"].startswith(("python -m sparse_opd_peft.lab.toy", "python -m sparse_opd_peft.lab.toy"))
+    assert meta["command"].startswith(("python -m sparse_opd_peft.toy", "python -m sparse_opd_peft.lab.toy"))
     total = sum(f.stat().st_size for f in SHIPPED_WORLD_DIR.rglob("*") if f.is_file())
     assert total < 8_000_000, f"the shipped world is {total / 1e6:.1f} MB; it should stay a few MB"
 
