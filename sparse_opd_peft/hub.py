@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .atomic import atomic_file
 from .model_card import (
     CARD_BEGIN,
     card_block_for_directory,
@@ -115,10 +116,8 @@ def add_to_hub_cache(
     for rel, digest in digests.items():
         blob = root / "blobs" / digest
         if not blob.exists():
-            fd, tmp = tempfile.mkstemp(prefix=".blob.", dir=blob.parent)
-            os.close(fd)
-            shutil.copyfile(folder / rel, tmp)
-            os.replace(tmp, blob)
+            with atomic_file(blob) as tmp:  # whole or absent, mode per the umask
+                shutil.copyfile(folder / rel, tmp)
         link = snapshot / rel
         link.parent.mkdir(parents=True, exist_ok=True)
         if link.is_symlink() or link.exists():

@@ -50,8 +50,9 @@ def early_probe(ctx: StudyContext, seed: int) -> dict[str, Any]:
     largest |difference| between the probe's and the full run's snapshot at the same step (0 = the probe is exactly
     the full run's beginning), when the full run saved that step.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
+    from ...tuner.storage import atomic_save_safetensors
     from ..toy import runs
 
     name = f"pred_probe_s{seed}"
@@ -65,7 +66,7 @@ def early_probe(ctx: StudyContext, seed: int) -> dict[str, Any]:
         adir.mkdir(parents=True, exist_ok=True)
         match = None
         for k, state in states.items():
-            save_file(state, str(adir / f"step_{k}.safetensors"))
+            atomic_save_safetensors(state, adir / f"step_{k}.safetensors")
             ref = ctx.artifact_dir(f"opd_full_s{seed}") / "checkpoints" / f"step_{k}.safetensors"
             if ref.exists():
                 other = load_file(str(ref))
@@ -87,9 +88,10 @@ def grad_probe(ctx: StudyContext, seed: int, batches: int):
     Returns ``(GradientStatistics, cached result {"seconds", "batches"})``; tensors live in
     ``artifact_dir(f"pred_grad_s{seed}_b{batches}")/stats.safetensors``.
     """
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from ... import mask_predictors as mp
+    from ...tuner.storage import atomic_save_safetensors
     from ..toy import runs
 
     name = f"pred_grad_s{seed}_b{batches}"
@@ -101,7 +103,7 @@ def grad_probe(ctx: StudyContext, seed: int, batches: int):
         stats = mp.gradient_statistics(w.load_student(), w.teacher, w.tokenizer, w.datasets[ctx.config.task]["train"],
                                        cfg, batches=batches, reward_fn=runs.toy_reward_fn(w, ctx.config.task))  # fmt: skip
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(stats.state_dict(), str(path))
+        atomic_save_safetensors(stats.state_dict(), path)
         return {"seconds": stats.seconds, "batches": batches, "betas": list(stats.betas), "eps": stats.eps,
                 "loss": [h.get("loss") for h in stats.history]}  # fmt: skip
 
