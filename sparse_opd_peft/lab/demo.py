@@ -29,7 +29,7 @@ class DemoConfig:
     """Settings of :func:`run_demo`. The defaults are the recipe measured to tell the whole story on the shipped
     world, on each of 5 seeds with 1 and 2 torch threads (``benchmarks/bench_demo_story.py``): exact reverse KL,
     AdamW lr 1e-3 with 10 warm-up steps and linear decay over 250 steps of 64 prompts, a top-20 % |ΔW| mask.
-    About 3 minutes on 2 CPU cores. ``world``: another world directory (default: the shipped world)."""
+    About a minute on 2 idle CPU cores (56 s measured). ``world``: another world directory (default: the shipped world)."""
 
     out: str = "runs/demo"
     world: str | None = None
