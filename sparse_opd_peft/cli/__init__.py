@@ -9,6 +9,8 @@ code 2, with nothing written.
 
 from __future__ import annotations
 
+import logging
+
 import typer
 
 from . import adapters, checkpoints, hub, toy, train
@@ -26,6 +28,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+# bitsandbytes logs, at import, a CPU notice about an optional kernel package ("Failed to load CPU gemm_4bit_forward
+# ..."); it is not actionable for a command-line user, so this program (not the library) keeps it off stderr.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 checkpoints.register(app)  # diagnose, trajectory, mask, subspace
 train.register(app)  # train
 adapters.register(app)  # merge, inspect
