@@ -51,10 +51,10 @@ def current_umask() -> int:
     return mask
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Flush a directory entry change (a rename) to disk where the OS allows it."""
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file, or a directory's entries (e.g. after a rename), to disk where the OS allows it."""
     try:
-        fd = os.open(directory, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:
@@ -86,7 +86,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             os.close(fd)
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -141,7 +141,7 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     src, dst = Path(src), Path(dst)
     if not dst.exists() and not dst.is_symlink():
         os.replace(src, dst)
-        _fsync_dir(dst.parent)
+        fsync_path(dst.parent)
         return
     if not dst.is_dir() or dst.is_symlink():
         raise NotADirectoryError(f"{dst} exists and is not a directory; remove it or choose another path")
@@ -159,7 +159,7 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> None:
                 f"back by hand ({err})"
             ) from err
         raise
-    _fsync_dir(dst.parent)
+    fsync_path(dst.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

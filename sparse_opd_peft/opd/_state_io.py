@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 from itertools import chain
 from pathlib import Path
@@ -14,7 +13,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ..atomic import write_json_atomic
+from ..atomic import fsync_path, write_json_atomic
 
 _TAG = "__t__"
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
@@ -151,13 +150,4 @@ def write_json(path: Path, obj: Any, indent: Optional[int] = 1) -> None:
 def fsync_tree(directory: Path) -> None:
     """Flush the files of ``directory`` and the directory itself to disk (skipped where the OS does not allow it)."""
     for path in [*sorted(p for p in directory.iterdir() if p.is_file()), directory]:
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
+        fsync_path(path)
