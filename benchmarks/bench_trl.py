@@ -8,6 +8,7 @@ on-policy (the student samples every completion):
 
 * ``ours sampled_token``: ``OPDConfig(loss="sampled_token")`` (the policy-gradient reverse-KL estimator);
 * ``ours full_kl``: ``OPDConfig(loss="full_kl")`` (exact full-vocabulary reverse KL);
+* ``ours topk_kl``: ``OPDConfig(loss="topk_kl", topk=--topk)`` (reverse KL on the teacher's top-k plus a tail bucket);
 * ``TRL``: ``DistillationConfig(beta=1.0)`` (exact full-vocabulary reverse KL, TRL's defaults otherwise: gradient
   checkpointing on); ``TRL, no GC``: the same with ``gradient_checkpointing=False``.
 
@@ -19,8 +20,13 @@ allocator behaviour: TRL's chunked lm_head projection saves vocabulary-sized log
 ``--extra-vocab 32000`` to see the large-vocabulary regime. On a busy 2-core machine ``--threads 2`` can be ten times
 slower than ``--threads 1`` (threads wait for a core): compare runs made with the same setting.
 
+``--vocab N`` sets the vocabulary to N tokens (the toy char tokenizer plus N - 20 dummy tokens, like
+``--extra-vocab``), and by default runs ``ours full_kl``, ``ours topk_kl`` and ``TRL`` side by side and writes
+``benchmarks/results/trl_vocab.md``: the regime of a real LLM vocabulary (Qwen3: 151936). ``--runs`` picks the runs.
+
     python benchmarks/bench_trl.py                                  # prints the table, writes benchmarks/results/trl.md
     python benchmarks/bench_trl.py --extra-vocab 32000 --append     # adds a large-vocabulary table to the same file
+    python benchmarks/bench_trl.py --threads 1 --vocab 151936 --batch-size 8 --max-new-tokens 256 --steps 2 --warmup 1
 """
 
 from __future__ import annotations
@@ -35,28 +41,33 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "trl.md"
+VOCAB_RESULTS = Path(__file__).parent / "results" / "trl_vocab.md"
+TOY_VOCAB = 20  # tokens of the toy char tokenizer
 RUNS = {
     "ours sampled_token": ("ours", "sampled_token"),
     "ours full_kl": ("ours", "full_kl"),
+    "ours topk_kl": ("ours", "topk_kl"),
     "TRL": ("trl", "gc"),
     "TRL, no GC": ("trl", "no_gc"),
 }
 STUDENT = dict(
     hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
 )
-KNOBS = ("steps", "warmup", "batch_size", "max_new_tokens", "density", "threads", "extra_vocab")
+DEFAULT_RUNS = ("ours sampled_token", "ours full_kl", "TRL", "TRL, no GC")
+VOCAB_RUNS = ("ours full_kl", "ours topk_kl", "TRL")  # --vocab
+KNOBS = ("steps", "warmup", "batch_size", "max_new_tokens", "density", "threads", "extra_vocab", "topk")
 TEACHER = dict(
     hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
 )
 
 
-def build(arch: dict, tokenizer, seed: int):
+def build(arch: dict, tokenizer, seed: int, max_len: int = 128):
     """A float32 ``Qwen3ForCausalLM`` over the toy tokenizer (untied embeddings, head_dim 32)."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     config = Qwen3Config(
-        vocab_size=len(tokenizer), head_dim=32, max_position_embeddings=128, tie_word_embeddings=False,
+        vocab_size=len(tokenizer), head_dim=32, max_position_embeddings=max_len, tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, **arch,
     )  # fmt: skip
@@ -67,7 +78,7 @@ def build(arch: dict, tokenizer, seed: int):
     return model
 
 
-def setup(density: float, extra_vocab: int = 0):
+def setup(density: float, extra_vocab: int = 0, max_new_tokens: int = 32):
     """(tokenizer, PEFT-wrapped student, teacher, prompt dataset): identical in every subprocess.
 
     ``extra_vocab`` adds that many dummy tokens to the toy tokenizer (and the models' vocabularies), to see the
@@ -84,7 +95,8 @@ def setup(density: float, extra_vocab: int = 0):
     tok = build_tokenizer()
     if extra_vocab:
         tok.add_tokens([f"<x{i}>" for i in range(extra_vocab)])
-    student, teacher = build(STUDENT, tok, seed=0), build(TEACHER, tok, seed=1).eval()
+    max_len = max(128, max_new_tokens + 64)  # toy prompts are ~10 tokens
+    student, teacher = build(STUDENT, tok, seed=0, max_len=max_len), build(TEACHER, tok, seed=1, max_len=max_len).eval()
     g = torch.Generator().manual_seed(2)
     mask = {
         name: torch.rand(mod.weight.shape, generator=g) < density
@@ -99,9 +111,9 @@ def setup(density: float, extra_vocab: int = 0):
 def run_ours(loss: str, a: argparse.Namespace) -> dict:
     from sparse_opd_peft.opd import OPDConfig, OPDTrainer
 
-    tok, student, teacher, ds = setup(a.density, a.extra_vocab)
+    tok, student, teacher, ds = setup(a.density, a.extra_vocab, a.max_new_tokens)
     cfg = OPDConfig(
-        loss=loss, lr=1e-3, lr_schedule="linear", steps=a.warmup + a.steps, batch_size=a.batch_size,
+        loss=loss, topk=a.topk, lr=1e-3, lr_schedule="linear", steps=a.warmup + a.steps, batch_size=a.batch_size,
         max_new_tokens=a.max_new_tokens, temperature=1.0, max_grad_norm=1.0, seed=0, progress_bar=False,
     )  # fmt: skip
     trainer = OPDTrainer(student, teacher, tok, ds, cfg)
@@ -119,7 +131,7 @@ def run_trl(variant: str, a: argparse.Namespace) -> dict:
     from transformers import TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
-    tok, student, teacher, ds = setup(a.density, a.extra_vocab)
+    tok, student, teacher, ds = setup(a.density, a.extra_vocab, a.max_new_tokens)
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
@@ -154,12 +166,33 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.05, help="random mask density over block Linears")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--extra-vocab", type=int, default=0, help="dummy tokens added to the 20-token vocabulary")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--vocab",
+        type=int,
+        help="vocabulary of N tokens (toy chars + N - 20 dummies); default runs: " + ", ".join(VOCAB_RUNS),
+    )
+    parser.add_argument("--topk", type=int, default=20, help="k of the topk_kl run")
+    parser.add_argument("--runs", help=f"comma-separated runs out of: {', '.join(RUNS)}")
+    parser.add_argument("--out", type=Path, help=f"default {RESULTS} ({VOCAB_RESULTS} with --vocab)")
+    parser.add_argument("--note", default="", help="a sentence appended to the generated header")
     parser.add_argument("--append", action="store_true", help="add the table to --out instead of replacing it")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.warmup < 1:
         parser.error("--warmup must be >= 1 (the first step's end starts the clock)")
+    if a.vocab is not None:
+        if a.extra_vocab:
+            parser.error("--vocab and --extra-vocab exclude each other")
+        if a.vocab < TOY_VOCAB:
+            parser.error(f"--vocab must be >= {TOY_VOCAB} (the toy char tokenizer)")
+        a.extra_vocab = a.vocab - TOY_VOCAB
+    runs = [r.strip() for r in a.runs.split(",")] if a.runs else list(VOCAB_RUNS if a.vocab else DEFAULT_RUNS)
+    if unknown := [r for r in runs if r not in RUNS]:
+        parser.error(f"unknown --runs {unknown}; choose from {list(RUNS)}")
+    refs = [r for r in ("TRL", "TRL, no GC") if r in runs]
+    if not refs:
+        parser.error("--runs needs 'TRL' or 'TRL, no GC' (the reference of the ratios)")
+    out_path = a.out or (VOCAB_RESULTS if a.vocab else RESULTS)
     if a.one:
         import torch
 
@@ -170,7 +203,7 @@ def main() -> None:
         return
     forwarded = [f"--{k.replace('_', '-')}={getattr(a, k)}" for k in KNOBS]
     rows = {}
-    for name in RUNS:
+    for name in runs:
         out = subprocess.run([sys.executable, __file__, *forwarded, "--one", name], capture_output=True, text=True)
         lines = [x for x in out.stdout.splitlines() if x.startswith("RESULT ")]
         if out.returncode or not lines:
@@ -178,24 +211,27 @@ def main() -> None:
         rows[name] = json.loads(lines[-1][len("RESULT ") :])
         rows[name]["tok_s"] = rows[name]["tokens"] / rows[name]["seconds"]
         print(name, rows[name], flush=True)
-    trl, trl_nogc = rows["TRL"], rows["TRL, no GC"]
+    ratio_cols = "".join(f" × {ref} |" for ref in refs)
     table = [
-        "| run | loss | completion tok/s | × TRL | × TRL no GC | peak RSS growth (MB) | × TRL | × TRL no GC |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"| run | loss | completion tok/s |{ratio_cols} peak RSS growth (MB) |{ratio_cols}",
+        "|---|---|---:|" + "---:|" * len(refs) + "---:|" + "---:|" * len(refs),
     ]
     for name, r in rows.items():
-        objective = f"`{RUNS[name][1]}`" if RUNS[name][0] == "ours" else "reverse KL (beta=1)"
-        mem = [f"{r['peak_growth_mb'] / max(ref['peak_growth_mb'], 1e-9):.2f}" for ref in (trl, trl_nogc)]
-        table.append(
-            f"| {name} | {objective} | {r['tok_s']:.0f} | {r['tok_s'] / trl['tok_s']:.2f} | "
-            f"{r['tok_s'] / trl_nogc['tok_s']:.2f} | {r['peak_growth_mb']:.0f} | {mem[0]} | {mem[1]} |"
-        )
+        objective = {"ours": f"`{RUNS[name][1]}`", "trl": "reverse KL (beta=1)"}[RUNS[name][0]]
+        if RUNS[name][1] == "topk_kl":
+            objective = f"`topk_kl` (k={a.topk})"
+        speed = "".join(f" {r['tok_s'] / rows[ref]['tok_s']:.2f} |" for ref in refs)
+        mem = "".join(f" {r['peak_growth_mb'] / max(rows[ref]['peak_growth_mb'], 1e-9):.2f} |" for ref in refs)
+        table.append(f"| {name} | {objective} | {r['tok_s']:.0f} |{speed} {r['peak_growth_mb']:.0f} |{mem}")
     import torch
     import trl as trl_pkg
 
     vocab = f"toy chars + {a.extra_vocab} dummies" if a.extra_vocab else "the toy char tokenizer"
-    changed = [k for k in KNOBS if getattr(a, k) != parser.get_default(k)]
-    cmd = " ".join(["python benchmarks/bench_trl.py", *(f"--{k.replace('_', '-')} {getattr(a, k)}" for k in changed)])
+    shown = [k for k in KNOBS if getattr(a, k) != parser.get_default(k) and not (a.vocab and k == "extra_vocab")]
+    shown = [*(["vocab"] if a.vocab else []), *shown]
+    cmd = " ".join(["python benchmarks/bench_trl.py", *(f"--{k.replace('_', '-')} {getattr(a, k)}" for k in shown)])
+    if a.runs:
+        cmd += f" --runs '{a.runs}'"
     header = (
         f"Generated by `{cmd}` (torch {torch.__version__}, trl {trl_pkg.__version__}, CPU, {a.threads} threads). "
         f"Student Qwen3 hidden 128 × 4 layers with a {a.density:.0%} random sparse adapter on its block Linears, "
@@ -206,9 +242,11 @@ def main() -> None:
         "tokens/s and ≤ 0.7× its peak memory with `sampled_token`. CPU timings on a shared machine are noisy: "
         "re-run when it is quiet.\n\n"
     )
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    previous = a.out.read_text() + "\n" if a.append and a.out.exists() else ""
-    a.out.write_text(previous + header + "\n".join(table) + "\n")
+    if a.note:
+        header = header.rstrip("\n") + " " + a.note + "\n\n"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    previous = out_path.read_text() + "\n" if a.append and out_path.exists() else ""
+    out_path.write_text(previous + header + "\n".join(table) + "\n")
     print("\n".join(table))
 
 

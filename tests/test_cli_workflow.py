@@ -185,6 +185,19 @@ def test_train_mix_with_eval_and_token_keep(w, tmp_path):
     assert all("eval_accuracy" in h and "reward" in h for h in info["history"])
 
 
+def test_train_topk_kl_records_topk_and_checks_it(w, tmp_path):
+    out = tmp_path / "topk"
+    ok(run(*train_args(w, "--lora-rank", 2, "--loss", "topk_kl", "--topk", 2, "--out", out)))
+    info = json.loads((out / "train.json").read_text())
+    assert info["config"]["loss"] == "topk_kl" and info["config"]["topk"] == 2
+    assert info["recipe"]["loss"] == "topk_kl" and [h["step"] for h in info["history"]] == [1, 2]
+    bad = tmp_path / "bad"
+    assert_one_line_error(
+        run(*train_args(w, "--lora-rank", 2, "--loss", "topk_kl", "--topk", 0, "--out", bad)), "--topk"
+    )
+    assert not bad.exists()
+
+
 def test_resume_into_the_same_dir_equals_a_straight_run(w, tmp_path):
     extra = ("--mask", w / "mask.safetensors", "--lr-schedule", "constant")
     a, straight = tmp_path / "a", tmp_path / "straight"

@@ -12,7 +12,17 @@ from pathlib import Path
 
 import typer
 
-from ..choices import DEVICES, LOSSES, LR_SCHEDULES, MASK_RULES, MODEL_DTYPES, OPTIMIZERS, SAVE_DTYPES, TOKEN_KEEP
+from ..choices import (
+    BASELINES,
+    DEVICES,
+    LOSSES,
+    LR_SCHEDULES,
+    MASK_RULES,
+    MODEL_DTYPES,
+    OPTIMIZERS,
+    SAVE_DTYPES,
+    TOKEN_KEEP,
+)
 from ..module_types import MODULE_TYPES
 
 
@@ -24,6 +34,7 @@ def choice(name: str, values: tuple[str, ...]) -> type[Enum]:
 Device = choice("Device", DEVICES)
 Rule = choice("Rule", MASK_RULES)
 Loss = choice("Loss", LOSSES)
+Baseline = choice("Baseline", BASELINES)
 Optim = choice("Optim", OPTIMIZERS)
 Schedule = choice("Schedule", LR_SCHEDULES)
 TokenKeep = choice("TokenKeep", TOKEN_KEEP)

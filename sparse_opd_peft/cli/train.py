@@ -9,7 +9,19 @@ from pathlib import Path
 import typer
 
 from .errors import cli_errors
-from .options import TRUST_HELP, Command, Loss, ModelDtype, Optim, SaveDtype, Schedule, TokenKeep, flag, quiet_flag
+from .options import (
+    TRUST_HELP,
+    Baseline,
+    Command,
+    Loss,
+    ModelDtype,
+    Optim,
+    SaveDtype,
+    Schedule,
+    TokenKeep,
+    flag,
+    quiet_flag,
+)
 
 TRAIN_EPILOG = """\
 Example on the toy world that ships with the package (full OPD; minutes on a CPU):
@@ -65,7 +77,23 @@ def train(
         None, "--eval-split", help="Split of --eval-prompts (default 'train' for files, 'test' for Hub ids)."
     ),
     loss: Loss = typer.Option(
-        Loss("full_kl"), "--loss", help="full_kl | sampled_token (OPD) | sft | rlvr (GRPO) | mix."
+        Loss("full_kl"),
+        "--loss",
+        help="full_kl | topk_kl | sampled_token (OPD) | sft | rlvr (GRPO) | mix.",
+    ),
+    topk: int = typer.Option(
+        20, "--topk", help="topk_kl: teacher log-probs kept per position (the rest: one tail bucket)."
+    ),
+    sampled_token_baseline: Baseline = typer.Option(
+        None,
+        "--sampled-token-baseline",
+        help="sampled_token / mix: none | position (per-position mean advantage; default position for sampled_token, none for mix).",
+    ),
+    sampled_token_clip: float = typer.Option(
+        None, "--sampled-token-clip", help="sampled_token / mix: clip |log p_s - log p_T| per token to this bound."
+    ),
+    sampled_token_prefix_gamma: float = typer.Option(
+        0.0, "--sampled-token-prefix-gamma", help="sampled_token / mix: IW-OPD prefix weight gamma (0 = off)."
     ),
     alpha: float = typer.Option(0.5, "--alpha", help="mix: weight of the OPD advantage (1 = pure OPD)."),
     reward: str = typer.Option("none", "--reward", help="none | exact | toy:add | toy:sub (see below)."),

@@ -55,6 +55,10 @@ class TrainJob:
     eval_prompts: Optional[str] = None
     eval_split: Optional[str] = None
     loss: str = "full_kl"
+    topk: int = 20
+    sampled_token_baseline: Optional[str] = None
+    sampled_token_clip: Optional[float] = None
+    sampled_token_prefix_gamma: float = 0.0
     alpha: float = 0.5
     reward: str = "none"
     steps: int = 100
@@ -134,7 +138,9 @@ def opd_config(job: TrainJob):
     from ..opd.config import OPDConfig
 
     kwargs = dict(
-        loss=job.loss, alpha=job.alpha, steps=job.steps, batch_size=job.batch_size, grad_accum=job.grad_accum,
+        loss=job.loss, topk=job.topk, sampled_token_baseline=job.sampled_token_baseline,
+        sampled_token_clip=job.sampled_token_clip, sampled_token_prefix_gamma=job.sampled_token_prefix_gamma,
+        alpha=job.alpha, steps=job.steps, batch_size=job.batch_size, grad_accum=job.grad_accum,
         lr=job.lr, lr_schedule=job.lr_schedule, warmup_steps=job.warmup_steps, optimizer=job.optimizer,
         momentum=job.momentum, weight_decay=job.weight_decay, max_grad_norm=job.max_grad_norm or None,
         max_new_tokens=job.max_new_tokens, num_generations=job.num_generations, temperature=job.temperature,
