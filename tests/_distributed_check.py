@@ -110,6 +110,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     run(args.out, json.loads(args.config), args.adapter)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():  # tear gloo down before exit, not in interpreter shutdown
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
