@@ -44,7 +44,9 @@ def demo(
 ) -> None:
     """Whole story on the shipped toy world: full OPD, diagnostics, mask, masked retrain vs random, merge, verdicts."""
     from ..lab.demo import DemoConfig, run_demo
+    from ..workflow.sources import quiet_library_warnings
 
+    quiet_library_warnings()  # no per-save "Writing model shards" bars or transformers deprecation notices
     with cli_errors():
         if not 0 < density < 1:
             raise ValueError(f"--density must be in (0, 1), got {density}")
