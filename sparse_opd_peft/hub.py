@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .atomic import atomic_file
+from .atomic import atomic_file, write_text_atomic
 from .model_card import (
     CARD_BEGIN,
     card_block_for_directory,
@@ -30,7 +30,6 @@ from .model_card import (
     set_card_repo,
     sparse_opd_adapters,
 )
-from .tuner.files import write_text_atomic
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 

@@ -19,8 +19,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
+from .atomic import write_text_atomic
 from .module_types import MODULE_TYPES, layer_index, module_type
-from .tuner.files import adapter_file_bytes, write_text_atomic
+from .tuner.files import adapter_file_bytes
 
 CARD_BEGIN, CARD_END = "<!-- sparse_opd:card -->", "<!-- /sparse_opd:card -->"
 USAGE_BEGIN, USAGE_END = "<!-- sparse_opd:usage -->", "<!-- /sparse_opd:usage -->"

@@ -145,14 +145,10 @@ def _logits(model, world, cfg: DemoConfig, n: int = 64) -> torch.Tensor:
 
 def _trajectory(world, cfg: DemoConfig, out: Path):
     """Trajectory diagnostics of the full-OPD snapshots (x axis = optimizer step)."""
-    import re
-
     from ..diagnostics import trajectory, write_trajectory_report
+    from ..opd.checkpoint import snapshot_paths
 
-    snaps = sorted(
-        ((int(re.search(r"step_(\d+)", p.name).group(1)), p) for p in (out / "checkpoints" / "full").glob("step_*.safetensors")),
-    )  # fmt: skip
-    snaps = [(step, p) for step, p in snaps if step > 0]
+    snaps = snapshot_paths(out / "checkpoints" / "full")
     if len(snaps) < 2:
         return None
     res = trajectory(world.student_path, [p for _, p in snaps], labels=[str(s) for s, _ in snaps], k=8,
@@ -189,7 +185,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise ValueError(f"task {cfg.task!r} is not in the toy world (has {sorted(world.tasks)})")
     n_eval = min(cfg.eval_samples, len(world.datasets[cfg.task]["heldout"]))
     rows = [
-        {"run": "student (anchor)", "accuracy": _accuracy(world.load_student(), world, cfg), "trainable": 0},
+        {"run": "student (anchor)", "accuracy": _accuracy(world.student, world, cfg), "trainable": 0},
         {"run": "teacher", "accuracy": _accuracy(world.teacher, world, cfg), "trainable": 0},
     ]
     print(f"world {world.key} ({'shipped' if world.shipped else world.path}); task `{cfg.task}`, {n_eval} held-out "

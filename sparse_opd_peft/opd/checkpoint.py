@@ -53,6 +53,7 @@ __all__ = [
     "resolve_state_dir",
     "save_trainable_state",
     "save_training_state",
+    "snapshot_paths",
     "trainable_state_dict",
 ]
 
@@ -98,6 +99,13 @@ def trainable_state_dict(
         full = state_dict if state_dict is not None else model.state_dict()
         state = {k: v for k, v in full.items() if k in names}
     return {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
+
+
+def snapshot_paths(checkpoint_dir: str | Path, include_start: bool = False) -> list[tuple[int, Path]]:
+    """``[(step, path)]`` of the ``step_<k>.safetensors`` trainable-state snapshots that :class:`OPDTrainer` writes
+    into ``checkpoint_dir`` (``save_every``), in step order; ``step_0`` (the start) only with ``include_start``."""
+    found = [(int(p.stem.split("_")[1]), p) for p in Path(checkpoint_dir).glob("step_*.safetensors")]
+    return sorted((s, p) for s, p in found if include_start or s > 0)
 
 
 def save_trainable_state(accelerator: Any, model: torch.nn.Module, path: str | Path, step: int) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-from ..atomic import normalize_modes, staged_directory, write_text_atomic  # noqa: F401  (write_text_atomic: re-exported)
+from ..atomic import normalize_modes, staged_directory
 from .storage import VALUE_DTYPES, decode_adapter_state, load_safetensors_checked, parse_adapter_key
 
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -110,8 +110,9 @@ def method_run(ctx: StudyContext, method: str, seed: int) -> tuple[str, dict[str
 
 def snapshots(ckpt_dir: Path) -> list[tuple[int, Path]]:
     """``[(step, path)]`` of the ``step_<k>.safetensors`` snapshots with k > 0, in step order."""
-    out = [(int(p.stem.split("_")[1]), p) for p in ckpt_dir.glob("step_*.safetensors")]
-    return sorted((s, p) for s, p in out if s > 0)
+    from ...opd.checkpoint import snapshot_paths
+
+    return snapshot_paths(ckpt_dir)
 
 
 def _finite(x: Any) -> Any:

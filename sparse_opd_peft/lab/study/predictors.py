@@ -357,12 +357,12 @@ def _lock_in(ctx: StudyContext, seed: int, density: float = DENSITY) -> dict[str
     """Precision of the top-k |ΔW| mask of each of the full run's own snapshots against its final mask: how early
     the mask locks in (``{"step k": precision}``)."""
     from ...mask_predictors import early_delta_mask, mask_agreement
+    from ...opd.checkpoint import snapshot_paths
 
     final = final_mask(ctx, seed, density)
     ckpts = ctx.artifact_dir(f"opd_full_s{seed}") / "checkpoints"
-    steps = sorted(int(p.stem.split("_")[1]) for p in ckpts.glob("step_*.safetensors"))
-    return {f"step {k}": mask_agreement(early_delta_mask(ctx.student_path(), ckpts / f"step_{k}.safetensors", density),
-                                        final)["precision"] for k in steps if 0 < k < ctx.config.steps}  # fmt: skip
+    return {f"step {k}": mask_agreement(early_delta_mask(ctx.student_path(), path, density), final)["precision"]
+            for k, path in snapshot_paths(ckpts) if k < ctx.config.steps}  # fmt: skip
 
 
 def run(ctx: StudyContext) -> Section:

@@ -44,12 +44,12 @@ def visible_density(ctx: StudyContext, tuned: Path, total: int) -> float:
 
 def density_traj(ctx: StudyContext, run_name: str, total: int) -> dict[str, list[float]]:
     """bf16-visible density of every snapshot of run ``run_name`` (cached as ``rec_bf16traj_<run_name>``)."""
+    from ...opd.checkpoint import snapshot_paths
 
     def fn() -> dict[str, Any]:
         ck = ctx.artifact_dir(run_name) / "checkpoints"
-        steps = sorted(int(p.stem.split("_")[1]) for p in ck.glob("step_*.safetensors"))
-        steps = [k for k in steps if k > 0]
-        return {"steps": steps, "density": [visible_density(ctx, ck / f"step_{k}.safetensors", total) for k in steps]}
+        snaps = snapshot_paths(ck)
+        return {"steps": [k for k, _ in snaps], "density": [visible_density(ctx, path, total) for _, path in snaps]}
 
     return ctx.cached(f"rec_bf16traj_{run_name}", fn)
 
