@@ -319,11 +319,13 @@ def load_world(path: str | os.PathLike | None = None, verify: bool = True) -> To
     if not meta_file.is_file():
         raise FileNotFoundError(f"no toy world at {path} (missing world.json)")
     meta = json.loads(meta_file.read_text())
-    if "recipe_hash" not in meta:  # a build of RECIPE_VERSION 1 code keyed by its recipe: key it by its files
-        meta["key"] = world_key(path)
-    if verify and world_key(path) != meta["key"]:
+    legacy = "recipe_hash" not in meta  # a build of RECIPE_VERSION 1 code, keyed by its recipe
+    actual = world_key(path) if verify or legacy else None  # hash the files once
+    if legacy:
+        meta["key"] = actual
+    if verify and actual != meta["key"]:
         raise ValueError(
-            f"toy world at {path}: its files hash to {world_key(path)}, but world.json records key {meta['key']}; "
+            f"toy world at {path}: its files hash to {actual}, but world.json records key {meta['key']}; "
             "the files were changed after the build (reinstall the package, or rebuild the world)"
         )
     recipe = ToyRecipe.from_dict(meta["recipe"])
