@@ -126,13 +126,15 @@ class Bench:
 
     def __init__(self, args: argparse.Namespace):
         from sparse_opd_peft.lab.toy import ToyRecipe, ToyRunConfig, build_world
+        from sparse_opd_peft.lab.toy.runs import toy_opd_config
 
         self.args = args
         recipe = ToyRecipe.tiny() if args.tiny else None
         self.world = build_world(args.cache_dir, recipe, progress=not args.quiet)
         self.work = Path(args.work_dir) / f"{self.world.key}-{_settings_hash(args)}"
         self.work.mkdir(parents=True, exist_ok=True)
-        self.run_cfg = ToyRunConfig(lr=args.lr, steps=args.steps, batch_size=args.batch_size, progress=not args.quiet)
+        opd = toy_opd_config(lr=args.lr, steps=args.steps, batch_size=args.batch_size, progress_bar=not args.quiet)
+        self.run_cfg = ToyRunConfig(opd=opd)
         self.anchor = self.world.load_student()
 
     # ------------------------------------------------------------------ plumbing
@@ -170,8 +172,8 @@ class Bench:
 
     # ------------------------------------------------------------------ stage 1
     def stage1(self, seed: int) -> dict[str, dict]:
-        from sparse_opd_peft.continual import bf16_churn, block_linear_names, lora_rank_for
-        from sparse_opd_peft.lab.continual import probe_mask, run_stage
+        from sparse_opd_peft.lab.continual import lora_rank_for, probe_mask, run_stage
+        from sparse_opd_peft.masks import bf16_churn, block_linear_names
 
         a, out = self.args, {}
 
@@ -218,7 +220,9 @@ class Bench:
     def stage2(self, seed: int, s1: dict[str, dict]) -> dict[str, dict]:
         from transformers import Qwen3ForCausalLM
 
-        from sparse_opd_peft.continual import (
+        from sparse_opd_peft.lab.continual import run_stage
+        from sparse_opd_peft.lab.toy import opd_run
+        from sparse_opd_peft.masks import (
             bf16_churn,
             block_linear_names,
             budgeted_topk_mask,
@@ -226,8 +230,6 @@ class Bench:
             mask_overlap,
             merged_copy,
         )
-        from sparse_opd_peft.lab.continual import run_stage
-        from sparse_opd_peft.lab.toy import opd_run
 
         a, out = self.args, {}
         targets = block_linear_names(self.anchor)

@@ -11,7 +11,6 @@ BASELINES = ("none", "position")  # OPDConfig.sampled_token_baseline
 TOKEN_KEEP = ("all", "top_gap", "random")  # OPDConfig.token_keep
 LR_SCHEDULES = ("linear", "constant")  # OPDConfig.lr_schedule
 OPTIMIZERS = ("adamw", "sgd")  # OPDConfig.optimizer
-MASK_RULES = ("bf16_visible", "abs_threshold", "topk")  # mask_builders.mask_from_checkpoints(rule=...)
 SAVE_DTYPES = ("float32", "bfloat16", "float16")  # SparseOPDConfig.save_dtype (same tuple as tuner.config)
 MODEL_DTYPES = ("fp32", "bf16", "fp16")  # dtypes models are loaded / merged in (workflow.sources.torch_dtype)
 DEVICES = ("auto", "cpu", "cuda")  # diagnostics.engine.resolve_device (auto: CUDA when present)
@@ -21,7 +20,6 @@ __all__ = [
     "DEVICES",
     "LOSSES",
     "LR_SCHEDULES",
-    "MASK_RULES",
     "MODEL_DTYPES",
     "OPTIMIZERS",
     "SAVE_DTYPES",

@@ -45,3 +45,31 @@ def layer_index(name: str) -> int | None:
     """Return the transformer block index in a dotted name (``model.layers.7.mlp.up_proj`` -> 7), or None."""
     match = _LAYER_RE.search(name)
     return int(match.group(1)) if match else None
+
+
+def stats_by_type(
+    rows: Mapping[str, Mapping[str, int]], keys: tuple[str, ...] = ("nnz", "numel"), overrides: Mapping[str, str] | None = None
+) -> dict[str, dict]:
+    """Per module type, the one place coordinate counts are aggregated by type.
+
+    Args:
+        rows: ``{module name: {"nnz": int, "numel": int, ...}}``; keys: the per-module counts to sum;
+            overrides: module-type rules as in :func:`module_type`.
+
+    Returns:
+        ``{type: {"modules", *keys}}`` for every type in :data:`MODULE_TYPES`; when ``keys`` holds ``"nnz"`` and
+        ``"numel"``, also ``"density"`` (nnz / numel, 0 without modules) and ``"share_of_nnz"`` (of all rows' nnz).
+    """
+    out = {t: {"modules": 0, **dict.fromkeys(keys, 0)} for t in MODULE_TYPES}
+    for name, row in rows.items():
+        agg = out[module_type(name, overrides)]
+        agg["modules"] += 1
+        for k in keys:
+            agg[k] += row[k]
+    if "nnz" not in keys or "numel" not in keys:
+        return out
+    total = sum(agg["nnz"] for agg in out.values())
+    for agg in out.values():
+        agg["density"] = agg["nnz"] / agg["numel"] if agg["numel"] else 0.0
+        agg["share_of_nnz"] = agg["nnz"] / total if total else 0.0
+    return out

@@ -76,12 +76,12 @@ def test_module_entry_point_answers_help():
 
 
 def test_choices_are_the_librarys():
-    from sparse_opd_peft.choices import LOSSES, MASK_RULES, SAVE_DTYPES, TOKEN_KEEP
+    from sparse_opd_peft.choices import LOSSES, SAVE_DTYPES, TOKEN_KEEP
     from sparse_opd_peft.cli.options import Loss, Rule, SaveDtype, TokenKeep
-    from sparse_opd_peft.mask_builders import RULES
+    from sparse_opd_peft.masks.rules import RULES
     from sparse_opd_peft.opd.config import LOSSES as CONFIG_LOSSES
     from sparse_opd_peft.tuner.config import SAVE_DTYPES as CONFIG_SAVE_DTYPES
 
-    assert LOSSES is CONFIG_LOSSES and MASK_RULES is RULES and SAVE_DTYPES == CONFIG_SAVE_DTYPES
-    for enum, values in ((Loss, LOSSES), (Rule, MASK_RULES), (SaveDtype, SAVE_DTYPES), (TokenKeep, TOKEN_KEEP)):
+    assert LOSSES is CONFIG_LOSSES and SAVE_DTYPES == CONFIG_SAVE_DTYPES
+    for enum, values in ((Loss, LOSSES), (Rule, tuple(RULES)), (SaveDtype, SAVE_DTYPES), (TokenKeep, TOKEN_KEEP)):
         assert tuple(m.value for m in enum) == values

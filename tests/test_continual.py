@@ -1,4 +1,4 @@
-"""Continual post-training helpers (sparse_opd_peft.continual, sparse_opd_peft.lab.continual) and the benchmark script,
+"""Continual post-training helpers (sparse_opd_peft.masks churn / overlap, sparse_opd_peft.lab.continual) and the benchmark script,
 on tiny models."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from conftest import block_linears, make_model, random_mask
 from peft import get_peft_model
 
 from sparse_opd_peft import SparseMask, SparseOPDConfig
-from sparse_opd_peft.continual import (
+from sparse_opd_peft.lab.continual import run_stage
+from sparse_opd_peft.masks import (
     bf16_churn,
     budgeted_topk_mask,
     changed_coordinates,
+    mask_from_checkpoints,
     mask_overlap,
     merged_copy,
 )
-from sparse_opd_peft.lab.continual import run_stage
-from sparse_opd_peft.mask_builders import mask_from_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,10 +170,11 @@ def test_run_stage_two_stages_both_modes(tiny_world, method, tmp_path):
     only onto the merged stage-1 model (the fingerprint refuses the anchor)."""
     from peft import PeftModel
 
-    from sparse_opd_peft.continual import adapter_names, block_linear_names, lora_rank_for
+    from sparse_opd_peft.lab.continual import adapter_names, lora_rank_for
     from sparse_opd_peft.lab.toy import ToyRunConfig
+    from sparse_opd_peft.masks import block_linear_names
 
-    cfg = ToyRunConfig(task="add", steps=2, batch_size=8, warmup_steps=0, lr=1e-2, progress=False)
+    cfg = ToyRunConfig(task="add").with_(steps=2, batch_size=8, warmup_steps=0, lr=1e-2, progress_bar=False)
     anchor = tiny_world.load_student()
     targets = block_linear_names(anchor)
     mask1 = SparseMask(random_mask(anchor, 0.2, seed=1, names=targets))

@@ -10,8 +10,14 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from sparse_opd_peft import SparseMask, SparseOPDConfig
 from sparse_opd_peft.diagnostics import metrics
-from sparse_opd_peft.mask_builders import mask_from_checkpoints, random_like
-from sparse_opd_peft.subspace import load_subspace, save_subspace, subspace_from_checkpoints
+from sparse_opd_peft.masks import (
+    load_subspace,
+    mask_from_checkpoints,
+    mask_overlap,
+    random_like,
+    save_subspace,
+    subspace_from_checkpoints,
+)
 
 CFG = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
            num_key_value_heads=1, head_dim=16)  # fmt: skip
@@ -100,7 +106,7 @@ def test_mask_builder_errors(pair, tmp_path):
         mask_from_checkpoints(src, tun, "magic")
     with pytest.raises(ValueError, match="needs a density"):
         mask_from_checkpoints(src, tun, "topk")
-    with pytest.raises(ValueError, match="apply to rule='topk' only"):
+    with pytest.raises(ValueError, match="apply to score rules"):
         mask_from_checkpoints(src, tun, "bf16_visible", density=0.1)
     with pytest.raises(ValueError, match="exclude each other"):
         mask_from_checkpoints(src, tun, "topk", density=0.1, ffn_share=0.5, per_module=True)
@@ -119,7 +125,7 @@ def test_random_like_and_low_magnitude(pair, tmp_path):
     for n in mask:
         assert r1.nnz(n) == mask.nnz(n) and torch.equal(r1.indices(n), r2.indices(n))
     assert any(not torch.equal(r1.indices(n), r3.indices(n)) for n in mask)
-    assert r1.overlap(mask)["random_overlap"] == pytest.approx(r1.density(), rel=0.3)
+    assert mask_overlap(r1, mask)["random_share_of_a"] == pytest.approx(r1.density(), rel=0.3)
     low = SparseMask.low_magnitude(src, 0.3)
     low_mem = SparseMask.low_magnitude(source_model, 0.3)
     for n, p in linears(source_model).items():

@@ -9,9 +9,8 @@ from _distributed_check import exact_reward, tiny_dataset, tiny_model, tiny_toke
 from accelerate import Accelerator
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from sparse_opd_peft import SparseMask
-from sparse_opd_peft import mask_predictors as mp
-from sparse_opd_peft.mask_builders import random_like
+from sparse_opd_peft import masks as mp
+from sparse_opd_peft.masks.gradient import _Recorder
 from sparse_opd_peft.opd import OPDConfig, OPDTrainer
 
 A, B = "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj"
@@ -19,45 +18,6 @@ A, B = "model.layers.0.mlp.up_proj", "model.layers.0.self_attn.q_proj"
 
 def bools(rows: list[list[int]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.bool)
-
-
-# ------------------------------------------------------------------------------------------ agreement
-def test_agreement_on_hand_made_masks():
-    pred = SparseMask({A: bools([[1, 1, 0, 0], [0, 0, 0, 0]]), B: bools([[1, 0], [0, 0]])})
-    final = SparseMask({A: bools([[1, 0, 1, 0], [0, 0, 0, 0]]), B: bools([[1, 1], [1, 0]])})
-    got = mp.mask_agreement(pred, final)
-    # |P| = 3, |F| = 5, |P∩F| = 2 (A[0,0], B[0,0]); E|R∩F| = 2·2/8 + 1·3/4 = 1.25
-    assert got["intersection"] == 2 and got["nnz_pred"] == 3 and got["nnz_final"] == 5
-    assert got["precision"] == pytest.approx(2 / 3) and got["recall"] == pytest.approx(2 / 5)
-    assert got["iou"] == pytest.approx(2 / 6)
-    assert got["random_expectation_precision"] == pytest.approx(1.25 / 3)
-    assert got["random_expectation_recall"] == pytest.approx(1.25 / 5)
-    assert got["random_expectation_iou"] == pytest.approx(1.25 / (8 - 1.25))
-    # a module only in the prediction counts in |P| and contributes nothing to the intersection
-    only = mp.mask_agreement(SparseMask({"x.layers.1.mlp.down_proj": bools([[1]])}), final)
-    assert only["precision"] == 0 and only["random_expectation_precision"] == 0
-
-
-def test_random_expectation_matches_monte_carlo():
-    g = torch.Generator().manual_seed(0)
-    shapes = {A: (20, 30), B: (10, 10)}
-    pred = SparseMask({n: torch.rand(s, generator=g) < d for (n, s), d in zip(shapes.items(), (0.3, 0.6), strict=True)})
-    final = SparseMask(
-        {n: torch.rand(s, generator=g) < d for (n, s), d in zip(shapes.items(), (0.2, 0.5), strict=True)}
-    )
-    exp = mp.mask_agreement(pred, final)
-    draws = [mp.mask_agreement(random_like(pred, seed=s), final) for s in range(300)]
-    for key in ("precision", "recall", "iou"):
-        mc = sum(d[key] for d in draws) / len(draws)
-        assert mc == pytest.approx(exp[f"random_expectation_{key}"], rel=0.02), key
-
-
-def test_agreement_bad_input():
-    m = SparseMask({A: bools([[1, 0]])})
-    with pytest.raises(TypeError, match="SparseMask"):
-        mp.mask_agreement({A: bools([[1, 0]])}, m)
-    with pytest.raises(ValueError, match="shapes differ"):
-        mp.mask_agreement(m, SparseMask({A: bools([[1], [0]])}))
 
 
 # ------------------------------------------------------------------------------------------ scores -> masks
@@ -130,7 +90,7 @@ def test_recorder_matches_planted_gradients_and_torch_adam():
     for t, g in enumerate(grads):
         g[0, 1] = 0.25 * (-1) ** t  # alternating sign, odd count: Σg = 0.25
     w = torch.nn.Parameter(torch.randn(3, 4))
-    rec = mp._Recorder([w], {id(w): "m"}, {"sum", "abs", "sq", "m", "v", "upd"}, (0.9, 0.999), 1e-8)
+    rec = _Recorder([w], {id(w): "m"}, {"sum", "abs", "sq", "m", "v", "upd"}, (0.9, 0.999), 1e-8)
     ref = torch.nn.Parameter(w.detach().clone())
     adam = torch.optim.Adam([ref], lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
     w0 = w.detach().clone()

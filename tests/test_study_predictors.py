@@ -98,7 +98,7 @@ def test_second_run_is_served_from_the_cache(study, monkeypatch, tiny_toy_cache)
 
     import sparse_opd_peft.lab.toy as toy
     import sparse_opd_peft.lab.toy.runs as runs
-    import sparse_opd_peft.mask_predictors as mp
+    import sparse_opd_peft.masks as mp
 
     monkeypatch.setattr(toy, "opd_run", boom)
     monkeypatch.setattr(runs, "opd_probe_run", boom)

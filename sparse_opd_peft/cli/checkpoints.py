@@ -9,6 +9,7 @@ import typer
 from .errors import cli_errors
 from .options import (
     MODULES_HELP,
+    RULE_HELP,
     SOURCE_HELP,
     Command,
     Device,
@@ -110,7 +111,7 @@ def mask(
     source: str = typer.Argument(..., help=SOURCE_HELP),
     tuned: str = typer.Argument(..., help="Tuned checkpoint whose update defines the mask."),
     out: Path = typer.Option(..., "--out", "-o", help="Output mask file (.safetensors)."),
-    rule: Rule = typer.Option(Rule.bf16_visible, "--rule", help="bf16_visible | abs_threshold (|ΔW| >= 1e-5) | topk."),
+    rule: Rule = typer.Option(Rule.bf16_visible, "--rule", help=RULE_HELP),
     density: float = typer.Option(None, "--density", help="topk: fraction of coordinates to keep (0, 1]."),
     ffn_share: float = typer.Option(None, "--ffn-share", help="topk: fraction of the budget given to FFN modules."),
     per_module: bool = flag("--per-module", help="topk: the same density in every module."),
@@ -119,7 +120,7 @@ def mask(
     quiet: bool = quiet_flag("No progress bar."),
 ) -> None:
     """Extract the coordinates TUNED moved relative to SOURCE as a SparseMask file for SparseOPDConfig(mask=...)."""
-    from ..mask_builders import mask_from_checkpoints
+    from ..masks.checkpoints import mask_from_checkpoints
 
     with cli_errors():
         check_file_target(out, overwrite)
@@ -146,7 +147,7 @@ def subspace(
     quiet: bool = quiet_flag("No progress bar."),
 ) -> None:
     """Top-r right singular vectors of ΔW_t = EARLY − SOURCE per module, for SparseOPDConfig(subspace=...)."""
-    from ..subspace import save_subspace, subspace_from_checkpoints
+    from ..masks.subspace import save_subspace, subspace_from_checkpoints
 
     with cli_errors():
         check_file_target(out, overwrite)

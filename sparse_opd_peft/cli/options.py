@@ -1,6 +1,7 @@
 """Shared option types, help texts and argument parsing of the ``sparse-opd`` commands.
 
-The choice types are built from the library's own tuples (:mod:`sparse_opd_peft.choices`), so the command line
+The choice types are built from the library's own tuples (:mod:`sparse_opd_peft.choices`) and the mask-rule
+registry (:mod:`sparse_opd_peft.masks.rules`), so the command line
 accepts exactly what the library does. Nothing here imports torch.
 """
 
@@ -17,12 +18,12 @@ from ..choices import (
     DEVICES,
     LOSSES,
     LR_SCHEDULES,
-    MASK_RULES,
     MODEL_DTYPES,
     OPTIMIZERS,
     SAVE_DTYPES,
     TOKEN_KEEP,
 )
+from ..masks.rules import RULES
 from ..module_types import MODULE_TYPES
 
 
@@ -32,7 +33,7 @@ def choice(name: str, values: tuple[str, ...]) -> type[Enum]:
 
 
 Device = choice("Device", DEVICES)
-Rule = choice("Rule", MASK_RULES)
+Rule = choice("Rule", tuple(RULES))  # the mask-rule registry
 Loss = choice("Loss", LOSSES)
 Baseline = choice("Baseline", BASELINES)
 Optim = choice("Optim", OPTIMIZERS)
@@ -42,6 +43,7 @@ ModelDtype = choice("ModelDtype", MODEL_DTYPES)
 MergeDtype = choice("MergeDtype", ("auto", *MODEL_DTYPES))
 SaveDtype = choice("SaveDtype", SAVE_DTYPES)
 
+RULE_HELP = "; ".join(f"{r.name}: {r.help}" for r in RULES.values()) + "."
 SOURCE_HELP = "Source checkpoint W0: model directory, .safetensors file or Hub id."
 MODULES_HELP = (
     "Regex on module names (e.g. 'mlp' or 'layers\\.(0|1)\\.'); repeat to combine. Default: all block Linears."

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..module_types import MODULE_TYPES, module_type
+from ..module_types import stats_by_type
 from . import bnb
 from .storage import fingerprint_mismatch, weight_fingerprint
 
@@ -30,7 +30,7 @@ class ModulePlan:
 def load_subspace_arg(value) -> dict[str, torch.Tensor]:
     """Accept ``{module_name: (in, r) tensor}`` or a path to a safetensors file of such tensors."""
     if isinstance(value, (str, os.PathLike)):
-        from ..subspace import load_subspace  # checks the file format and orthonormal columns
+        from ..masks.subspace import load_subspace  # checks the file format and orthonormal columns
 
         return load_subspace(value)
     if isinstance(value, Mapping):
@@ -73,7 +73,7 @@ def build_plan(config, model: nn.Module) -> tuple[dict[str, ModulePlan], dict]:
         ValueError / TypeError: unknown module, non-Linear module, wrong mask or basis shape, non-finite basis,
             empty mask, tied weights, fingerprint mismatch (each names the module and the fix).
     """
-    from ..masks import SparseMask  # lazy: masks imports tuner.storage
+    from ..masks import SparseMask, exclude_coordinates  # lazy: masks imports tuner.storage
     from .config import AllCoordinates
 
     modules = dict(model.named_modules())
@@ -95,7 +95,7 @@ def build_plan(config, model: nn.Module) -> tuple[dict[str, ModulePlan], dict]:
         else:
             mask = SparseMask.coerce(config.mask) if config.mask is not None else None
         if mask is not None and config.exclude is not None:
-            mask = _apply_exclude(mask, SparseMask.coerce(config.exclude))
+            mask = exclude_coordinates(mask, SparseMask.coerce(config.exclude))
         basis = load_subspace_arg(config.subspace) if config.subspace is not None else {}
         names = sorted(set(mask or {}) | set(basis))
         names = [n for n in names if _matches(config.target_modules, n) and not _excluded(config, n)]
@@ -167,27 +167,6 @@ def _excluded(config, name: str) -> bool:
     if isinstance(ex, str):
         return re.fullmatch(ex, name) is not None
     return any(name == e or name.endswith("." + e) for e in ex)
-
-
-def _apply_exclude(mask, exclude):
-    from ..masks import SparseMask
-
-    entries = {}
-    for name in mask:
-        idx = mask.indices(name)
-        if name in exclude:
-            if exclude.shape(name) != mask.shape(name):
-                raise ValueError(
-                    f"exclude mask for module '{name}' has shape {exclude.shape(name)}, mask has {mask.shape(name)}"
-                )
-            idx = idx[~torch.isin(idx, exclude.indices(name))]
-        if idx.numel():
-            entries[name] = (mask.shape(name), idx)
-    if not entries:
-        raise ValueError("every coordinate of the mask is excluded; nothing is left to train (loosen the churn budget)")
-    return SparseMask.from_indices(
-        entries, {**mask.metadata, "excluded_coordinates": mask.nnz() - sum(e[1].numel() for e in entries.values())}
-    )
 
 
 def _validate_against_model(plan: dict[str, ModulePlan], modules: dict[str, nn.Module], mask) -> None:
@@ -266,12 +245,8 @@ def summarize_metadata(
     subspace ranks and fingerprints: those four plus ``density`` (overall, over the masked modules) and
     ``density_by_type`` (per module type)."""
     total = sum(shapes[n][0] * shapes[n][1] for n in nnz) or 1
-    by_type = {}
-    for kind in MODULE_TYPES:
-        names = [n for n in nnz if module_type(n) == kind]
-        numel = sum(shapes[n][0] * shapes[n][1] for n in names)
-        if numel:
-            by_type[kind] = sum(nnz[n] for n in names) / numel
+    rows = {n: {"nnz": nnz[n], "numel": shapes[n][0] * shapes[n][1]} for n in nnz}
+    by_type = {kind: agg["density"] for kind, agg in stats_by_type(rows).items() if agg["numel"]}
     return {
         "module_nnz": dict(sorted(nnz.items())),
         "module_rank": dict(sorted(rank.items())),

@@ -9,6 +9,7 @@ import struct
 from pathlib import Path
 from typing import Optional
 
+from ..module_types import stats_by_type
 from .sources import load_causal_lm, read_adapter_config
 
 WEIGHTS = "adapter_model.safetensors"
@@ -28,19 +29,6 @@ def sparse_adapter_config(directory: Path, what: str):
     from ..tuner import SparseOPDConfig
 
     return SparseOPDConfig.from_pretrained(str(directory))
-
-
-def _by_type(rows: dict[str, dict], keys: tuple[str, ...]) -> dict[str, dict]:
-    """Sum ``keys`` of per-module rows per module type (ffn / attention / other)."""
-    from ..module_types import MODULE_TYPES, module_type
-
-    out = {t: {"modules": 0, **{k: 0 for k in keys}} for t in MODULE_TYPES}
-    for name, row in rows.items():
-        agg = out[module_type(name)]
-        agg["modules"] += 1
-        for k in keys:
-            agg[k] += row[k]
-    return out
 
 
 def _safetensors_layout(path: Path) -> dict:
@@ -106,10 +94,7 @@ def adapter_report(directory: Path, base: Optional[str] = None, trust_remote_cod
     nnz = sum(r["nnz"] for r in rows.values())
     numel = sum(r["numel"] for r in rows.values())
     trainable = sum(r["trainable"] for r in rows.values())
-    by_type = _by_type(rows, ("nnz", "numel", "trainable"))
-    for agg in by_type.values():
-        agg["density"] = agg["nnz"] / agg["numel"] if agg["numel"] else 0.0
-        agg["share_of_nnz"] = agg["nnz"] / nnz if nnz else 0.0
+    by_type = stats_by_type(rows, ("nnz", "numel", "trainable"))
     files = [{"name": p.name, "bytes": p.stat().st_size} for p in sorted(directory.iterdir()) if p.is_file()]
     size = (directory / WEIGHTS).stat().st_size
     fp = config.fingerprint or {}
@@ -162,7 +147,7 @@ def _visibility(directory: Path, base: str, trust_remote_code: bool) -> dict:
 
     model = PeftModel.from_pretrained(load_causal_lm(base, "--base", "auto", trust_remote_code), str(directory))
     vis = bf16_visibility(model)
-    by_type = _by_type(vis["modules"], ("coords", "visible"))
+    by_type = stats_by_type(vis["modules"], ("coords", "visible"))
     for agg in by_type.values():
         agg["share"] = agg["visible"] / agg["coords"] if agg["coords"] else None
     return {
@@ -259,7 +244,7 @@ def merge_summary(report: dict[str, dict]) -> str:
     share = sum(r["visible"] for r in rows.values()) / coords
     types = ", ".join(
         f"{k} {100 * a['visible'] / a['coords']:.1f}%"
-        for k, a in _by_type(rows, ("coords", "visible")).items()
+        for k, a in stats_by_type(rows, ("coords", "visible")).items()
         if a["coords"]
     )
     return f"bf16-visible share of the delta {100 * share:.1f}% over {coords:,} coordinates in {len(rows)} modules ({types})"

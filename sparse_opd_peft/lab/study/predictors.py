@@ -1,7 +1,7 @@
 """Section "predictors" (issue 6, item 6): the mask before the full run.
 
 The paper calls the OPD mask "a second-pass optimization, not a first-pass shortcut". This section tests cheap
-predictors of the full run's top-k |ΔW| mask, each built with :mod:`sparse_opd_peft.mask_predictors`:
+predictors of the full run's top-k |ΔW| mask, each built with :mod:`sparse_opd_peft.masks`:
 
 * early delta: top-k |ΔW| after the first 5 / 10 / 20 % of the same run (a probe run of those steps, timed);
 * gradient statistics over 4 or 16 OPD batches at the anchor (weights never move): Σ|g|, Σg², Adam's v, |Σg|,
@@ -36,6 +36,15 @@ RETRAIN_HI = ("final", "random", "early10", "g16_sq", f"g16_{COMBO_GRAD}")
 _STAT_LABEL = {"abs": "Σ|g|", "sq": "Σg²", "adam_v": "Adam v", "net": "|Σg|", "snr": "|Σg|/√(nΣg²)",
                "adam_update": "Adam update"}  # fmt: skip
 
+
+
+def _agreement(ov: dict) -> dict:
+    """The study's agreement record (as stored in its results) from :func:`~sparse_opd_peft.masks.mask_overlap`
+    of (predicted, final): precision = share_of_a, recall = share_of_b."""
+    return {"precision": ov["share_of_a"], "recall": ov["share_of_b"], "iou": ov["iou"],
+            "intersection": ov["intersection"], "nnz_pred": ov["nnz_a"], "nnz_final": ov["nnz_b"],
+            "random_expectation_precision": ov["random_share_of_a"],
+            "random_expectation_recall": ov["random_share_of_b"], "random_expectation_iou": ov["random_iou"]}  # fmt: skip
 
 def _early_stop(ctx: StudyContext, share: float) -> int:
     return max(1, int(round(share * ctx.config.steps)))
@@ -90,7 +99,7 @@ def grad_probe(ctx: StudyContext, seed: int, batches: int):
     """
     from safetensors.torch import load_file
 
-    from ... import mask_predictors as mp
+    from ... import masks as mp
     from ...tuner.storage import atomic_save_safetensors
     from ..toy import runs
 
@@ -119,7 +128,7 @@ def grad_probe(ctx: StudyContext, seed: int, batches: int):
 # ------------------------------------------------------------------------------------------ masks and retraining
 def final_mask(ctx: StudyContext, seed: int, density: float = DENSITY):
     """Top-``density`` |ΔW| mask of the shared full OPD run of ``seed`` (the mask the predictors try to match)."""
-    from ...mask_builders import mask_from_checkpoints
+    from ...masks import mask_from_checkpoints
 
     _, final_dir = ctx.full_opd(seed)
     return mask_from_checkpoints(ctx.student_path(), final_dir, "topk", density=density)
@@ -128,8 +137,8 @@ def final_mask(ctx: StudyContext, seed: int, density: float = DENSITY):
 def predictor_masks(ctx: StudyContext, seed: int, density: float) -> dict[str, dict[str, Any]]:
     """``{key: {"label", "mask", "steps", "seconds", "kind"}}`` for every predictor of ``seed`` at ``density``
     (``steps`` / ``seconds``: what obtaining the mask cost before any retraining)."""
-    from ... import mask_predictors as mp
-    from ...mask_builders import low_magnitude, random_like
+    from ... import masks as mp
+    from ...masks import low_magnitude, random_like
 
     full, _ = ctx.full_opd(seed)
     final = final_mask(ctx, seed, density)
@@ -186,7 +195,7 @@ def retrain(ctx: StudyContext, key: str, mask, seed: int, density: float) -> dic
 
 # ------------------------------------------------------------------------------------------ the section
 def _collect(ctx: StudyContext, density: float, seeds: list[int], retrain_all: tuple, retrain_one: tuple) -> dict:
-    from ...mask_predictors import mask_agreement
+    from ...masks import mask_overlap
 
     rows: dict[str, dict] = {}
     for seed in seeds:
@@ -196,7 +205,7 @@ def _collect(ctx: StudyContext, density: float, seeds: list[int], retrain_all: t
             row = rows.setdefault(key, {"label": m["label"], "kind": m["kind"], "steps": m["steps"], "seconds": [],
                                         "agreement": [], "acc": [], "retrain_seconds": [], "ffn_share": []})  # fmt: skip
             row["seconds"].append(m["seconds"])
-            row["agreement"].append(mask_agreement(m["mask"], final))
+            row["agreement"].append(_agreement(mask_overlap(m["mask"], final)))
             row["ffn_share"].append(m["mask"].type_stats()["ffn"]["share_of_nnz"])
             if key in retrain_all or (key in retrain_one and seed == seeds[0]):
                 res = retrain(ctx, key, m["mask"], seed, density)
@@ -340,7 +349,7 @@ def _plot(ctx: StudyContext, rows: dict[str, dict], full_acc: float) -> str:
 
 def _bf16_visible_densities(ctx: StudyContext, seed: int) -> dict[str, float]:
     """Density of the bf16-visible mask (the papers' rule) after each early stop and at the end of the run."""
-    from ...mask_predictors import early_delta_mask
+    from ...masks import early_delta_mask
 
     _, final_dir = ctx.full_opd(seed)
     early_probe(ctx, seed)
@@ -356,12 +365,12 @@ def _bf16_visible_densities(ctx: StudyContext, seed: int) -> dict[str, float]:
 def _lock_in(ctx: StudyContext, seed: int, density: float = DENSITY) -> dict[str, float]:
     """Precision of the top-k |ΔW| mask of each of the full run's own snapshots against its final mask: how early
     the mask locks in (``{"step k": precision}``)."""
-    from ...mask_predictors import early_delta_mask, mask_agreement
+    from ...masks import early_delta_mask, mask_overlap
     from ...opd.checkpoint import snapshot_paths
 
     final = final_mask(ctx, seed, density)
     ckpts = ctx.artifact_dir(f"opd_full_s{seed}") / "checkpoints"
-    return {f"step {k}": mask_agreement(early_delta_mask(ctx.student_path(), path, density), final)["precision"]
+    return {f"step {k}": mask_overlap(early_delta_mask(ctx.student_path(), path, density), final)["share_of_a"]
             for k, path in snapshot_paths(ckpts) if k < ctx.config.steps}  # fmt: skip
 
 
@@ -389,7 +398,7 @@ def render(info: RenderInfo, data: dict[str, Any], plots: list[str]) -> str:
     lock, visible, probe = data["lock_in_precision"], data["bf16_visible_density"], data["probe_snapshot_match_max_abs"]
     md = [
         f"Predictors of the full OPD run's top-{100 * DENSITY:.0f} % |ΔW| mask (global top-k over block Linears), "
-        f"each a `SparseMask` from `sparse_opd_peft.mask_predictors` at the same density. Precision / recall / IoU "
+        f"each a `SparseMask` from `sparse_opd_peft.masks` at the same density. Precision / recall / IoU "
         "against the final mask with, in brackets, the expectation for a uniform random mask with the predictor's "
         f"per-module counts; retraining = `SparseOPDConfig(mask=...)` from the anchor, {steps} OPD steps "
         f"(mean ± std over {info.config.seeds} seed(s); secondary rows on seed 0 only — see the seeds column). Cost = "

@@ -4,7 +4,7 @@ suffice for the rest of OPD, and does the same bottleneck hurt SFT?
 Protocol (the paper's: "training then resumes under this rank-16 constraint"): per seed and method (OPD = the
 study's default loss, SFT = cross-entropy on the dataset's completions, same lr / steps), train the first 20 % of
 the run (the run's own lr schedule, stopped there), save that model; take ``V_r`` = top-r right singular vectors of
-``ΔW_20% = W_20% − W0`` per block Linear (:func:`~sparse_opd_peft.subspace.subspace_from_checkpoints`; for OPD from
+``ΔW_20% = W_20% − W0`` per block Linear (:func:`~sparse_opd_peft.masks.subspace_from_checkpoints`; for OPD from
 the shared full run's 20 % snapshot, checked equal to the prefix); then resume from the 20 % model for the remaining
 80 % of the steps (fresh AdamW, 10 % warm-up, linear decay from the schedule's lr at 20 % to 0) either unconstrained
 or with ``SparseOPDConfig(subspace=V_r)`` (every block-Linear update ``ΔW = C V_rᵀ``).
@@ -113,7 +113,7 @@ def arm_run(ctx: StudyContext, method: str, arm: str, seed: int) -> tuple[dict[s
     """One resumed run (``arm`` = ``free`` | ``block`` | ``rank<r>``); returns (prefix result, run result)."""
     from peft import get_peft_model
 
-    from ...subspace import subspace_from_checkpoints
+    from ...masks import subspace_from_checkpoints
     from ...tuner import SparseOPDConfig
 
     pre, path = prefix(ctx, method, seed)
@@ -140,7 +140,7 @@ def arm_run(ctx: StudyContext, method: str, arm: str, seed: int) -> tuple[dict[s
 def similarity(ctx: StudyContext, method: str, seed: int, rank: int) -> dict[str, float]:
     """Sim_r(20 %, end) = mean over block Linears of ‖V_r(20 %)ᵀ V_r(end)‖²_F / r, "end" = the unconstrained arm's
     final model, with the random-subspace expectation r / in_features (cached)."""
-    from ...subspace import subspace_from_checkpoints
+    from ...masks import subspace_from_checkpoints
 
     def fn() -> dict[str, float]:
         _, path = prefix(ctx, method, seed)

@@ -3,8 +3,8 @@
 A mask maps module names (``model.layers.0.mlp.up_proj``) to the sorted flat indices of the trained entries of
 that module's (out, in) weight. It is built from a dict of bool tensors, saved to / loaded from safetensors with the
 same packing as the adapter (bitmask or int32 indices), and reports densities per module and per module type.
-Builders from checkpoints, random controls and magnitude priors live in :mod:`sparse_opd_peft.mask_builders` and are
-exposed here as class methods.
+Builders from checkpoints, random controls and magnitude priors live beside it in :mod:`sparse_opd_peft.masks` and
+are exposed here as class methods; overlap with another mask is :func:`sparse_opd_peft.masks.mask_overlap`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .module_types import MODULE_TYPES, module_type
-from .tuner.storage import (
+from ..module_types import module_type, stats_by_type
+from ..tuner.storage import (
     atomic_save_safetensors,
     load_safetensors_checked,
     pack_coordinates,
@@ -89,7 +89,7 @@ class SparseMask(Mapping):
         cls, entries: Mapping[str, tuple[tuple[int, int], torch.Tensor]], metadata: Mapping | None = None
     ) -> SparseMask:
         """Build from ``{name: ((out, in), sorted flat int indices)}`` without materialising dense masks."""
-        from .tuner.storage import validate_flat_indices
+        from ..tuner.storage import validate_flat_indices
 
         mask = cls(None, metadata)
         for name, (shape, idx) in entries.items():
@@ -176,17 +176,7 @@ class SparseMask(Mapping):
 
     def type_stats(self, overrides: Mapping[str, str] | None = None) -> dict[str, dict]:
         """Per module type (ffn / attention / other): nnz, numel, density and share of all trained coordinates."""
-        total = max(self.nnz(), 1)
-        out = {t: {"modules": 0, "nnz": 0, "numel": 0} for t in MODULE_TYPES}
-        for n in self:
-            row = out[module_type(n, overrides)]
-            row["modules"] += 1
-            row["nnz"] += self.nnz(n)
-            row["numel"] += self.numel(n)
-        for row in out.values():
-            row["density"] = row["nnz"] / row["numel"] if row["numel"] else 0.0
-            row["share_of_nnz"] = row["nnz"] / total
-        return out
+        return stats_by_type({n: {"nnz": self.nnz(n), "numel": self.numel(n)} for n in self}, overrides=overrides)
 
     # ----------------------------------------------------------------- set operations
     def _combine(self, other: SparseMask, op: str) -> SparseMask:
@@ -223,50 +213,25 @@ class SparseMask(Mapping):
     def __sub__(self, other: SparseMask) -> SparseMask:
         return self._combine(other, "sub")
 
-    def overlap(self, other: SparseMask) -> dict:
-        """Overlap with another mask over the modules both contain.
-
-        Returns ``{"intersection", "overlap" (= |A∩B|/|A|), "jaccard", "random_overlap", "random_jaccard"}``,
-        where the random expectations are those of independent uniform masks with the same per-module densities
-        (E|A∩B| = Σ_m nnz_A·nnz_B/numel per module).
-        """
-        inter = exp_inter = na = nb = 0.0
-        for n in self:
-            if n not in other._indices:
-                continue
-            a, b = self._indices[n], other._indices[n]
-            inter += float(torch.isin(a, b).sum())
-            exp_inter += a.numel() * b.numel() / self.numel(n)
-            na += a.numel()
-            nb += b.numel()
-        union, exp_union = na + nb - inter, na + nb - exp_inter
-        return {
-            "intersection": int(inter),
-            "overlap": inter / na if na else 0.0,
-            "jaccard": inter / union if union else 0.0,
-            "random_overlap": exp_inter / na if na else 0.0,
-            "random_jaccard": exp_inter / exp_union if exp_union else 0.0,
-        }
-
-    # ----------------------------------------------------------------- builders (see mask_builders)
+    # ----------------------------------------------------------------- builders (see masks.checkpoints / masks.priors)
     @classmethod
     def from_checkpoints(cls, source, tuned, **kwargs) -> SparseMask:
-        """Mask from a checkpoint pair; see :func:`sparse_opd_peft.mask_builders.mask_from_checkpoints`."""
-        from .mask_builders import mask_from_checkpoints
+        """Mask from a checkpoint pair; see :func:`sparse_opd_peft.masks.mask_from_checkpoints`."""
+        from .checkpoints import mask_from_checkpoints
 
         return mask_from_checkpoints(source, tuned, **kwargs)
 
     @classmethod
     def random_like(cls, mask: SparseMask, seed: int = 0) -> SparseMask:
-        """Uniform random mask with the same per-module nnz; see :func:`sparse_opd_peft.mask_builders.random_like`."""
-        from .mask_builders import random_like
+        """Uniform random mask with the same per-module nnz; see :func:`sparse_opd_peft.masks.random_like`."""
+        from .priors import random_like
 
         return random_like(mask, seed=seed)
 
     @classmethod
     def low_magnitude(cls, model, alpha: float, **kwargs) -> SparseMask:
-        """Bottom-``alpha`` |W0| mask; see :func:`sparse_opd_peft.mask_builders.low_magnitude`."""
-        from .mask_builders import low_magnitude
+        """Bottom-``alpha`` |W0| mask; see :func:`sparse_opd_peft.masks.low_magnitude`."""
+        from .priors import low_magnitude
 
         return low_magnitude(model, alpha, **kwargs)
 
