@@ -7,8 +7,7 @@ work. The names below are imported on first use, so ``import sparse_opd_peft`` i
 
 from __future__ import annotations
 
-import importlib
-
+from ._lazy import lazy_exports
 from ._peft_hook import register_when_peft_loads
 from ._version import __version__
 
@@ -29,16 +28,7 @@ _API = {
 __all__ = ["__version__", *_API]
 
 
-def __getattr__(name: str):
-    if name not in _API:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_API})
+__getattr__, __dir__ = lazy_exports(__name__, _API)
 
 
 register_when_peft_loads()

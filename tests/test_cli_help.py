@@ -29,13 +29,6 @@ with contextlib.redirect_stdout(out):
 heavy = sorted(m for m in watched if m in sys.modules)
 print(json.dumps({"code": code, "stdout": out.getvalue(), "heavy": heavy}))
 """
-# ``import sparse_opd_peft`` imports peft (and torch) until the package's __init__ imports its API lazily; until then
-# the light --help cannot hold, whatever the command modules do.
-LAZY_PACKAGE = pytest.mark.xfail(
-    "def __getattr__" not in (ROOT / "sparse_opd_peft" / "__init__.py").read_text(),
-    reason="sparse_opd_peft/__init__.py still imports peft eagerly",
-    strict=True,
-)
 COMMANDS = ["diagnose", "trajectory", "mask", "subspace", "train", "merge", "inspect", "push", "demo", "study"]
 
 
@@ -48,7 +41,6 @@ def run_help(*args: str) -> tuple[dict, str]:
     return json.loads(proc.stdout), proc.stderr
 
 
-@LAZY_PACKAGE
 @pytest.mark.parametrize("command", [None, *COMMANDS])
 def test_help_imports_no_heavy_library_and_prints_nothing_else(command):
     result, stderr = run_help(*([command] if command else []))
@@ -60,7 +52,6 @@ def test_help_imports_no_heavy_library_and_prints_nothing_else(command):
         assert "Example" in result["stdout"]
 
 
-@LAZY_PACKAGE
 def test_module_entry_point_answers_help():
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "sparse_opd_peft.cli", "train", "--help"],

@@ -18,7 +18,7 @@ Names are imported on first use, so ``sparse_opd_peft.masks.rules`` can be read 
 
 from __future__ import annotations
 
-import importlib
+from .._lazy import lazy_exports
 
 _API = {
     "SparseMask": "mask",
@@ -57,13 +57,4 @@ _API = {
 __all__ = sorted(_API)
 
 
-def __getattr__(name: str):
-    if name not in _API:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_API[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_API})
+__getattr__, __dir__ = lazy_exports(__name__, _API)
