@@ -24,6 +24,7 @@ _API = {
     "record_training": "model_card",
     "load_adapter": "hub",
     "push_adapter": "hub",
+    "save_sharded_adapter": "distributed",
 }
 __all__ = ["__version__", *_API]
 

@@ -173,6 +173,11 @@ class SparseOPDModel(BaseTuner):
         out = {}
         for key, value in raw.items():
             module, param, rest = _split_key(key)
+            if _is_dtensor(value):
+                raise ValueError(
+                    f"adapter '{adapter_name}' is sharded ({key} is an FSDP2 DTensor): save_pretrained cannot write "
+                    "shards; call sparse_opd_peft.distributed.save_sharded_adapter(model, directory) on every rank"
+                )
             if param in ("sparse_opd_values", "sparse_opd_coeff"):
                 out[key] = value.detach().to(save_dtype)
             elif param == "sparse_opd_indices":
@@ -278,3 +283,12 @@ def unpack_state_dict(config, state_dict: dict[str, torch.Tensor], source: str =
 
     check_adapter_metadata(config, "adapter_config.json")
     return decode_adapter_state(config, state_dict, source)
+
+
+def _is_dtensor(value) -> bool:
+    """Whether ``value`` is a ``torch.distributed.tensor.DTensor`` (a shard of an FSDP2 / tensor-parallel model)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(value, DTensor)
