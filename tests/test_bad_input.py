@@ -84,9 +84,18 @@ def _load_fails(tmp_path, match):
 
 
 def _rewrite(path, fn):
+    """Edit one module's positions as int32 indices (a coded uint8 stream of format 2 is decoded first; int32 indices
+    are a valid form in every format version)."""
+    from sparse_opd_peft.tuner.positions import decode_positions
+
     tensors = load_file(path)
+    shapes = json.loads((path.parent / "adapter_config.json").read_text())["module_shapes"]
     key = next(k for k in tensors if k.endswith("sparse_opd_indices"))
-    tensors[key] = fn(tensors[key])
+    out_f, in_f = shapes[key.removeprefix("base_model.model.").rsplit(".", 1)[0]]
+    t = tensors[key]
+    if t.dtype == torch.uint8:
+        t = decode_positions(t, out_f * in_f).int()
+    tensors[key] = fn(t)
     save_file(tensors, path)
 
 

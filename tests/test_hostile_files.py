@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _positions_reference import elias_fano_stream, varint_stream
 from conftest import make_model, random_mask
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
@@ -18,6 +19,7 @@ from typer.testing import CliRunner
 from sparse_opd_peft import SparseMask, SparseOPDConfig, save_adapter
 from sparse_opd_peft.cli import app
 from sparse_opd_peft.tuner.layer import SparseOPDLayer
+from sparse_opd_peft.tuner.positions import CODEC_ELIAS_FANO, decode_positions
 
 UP = "model.layers.0.mlp.up_proj"
 KEY = f"base_model.model.{UP}"
@@ -113,8 +115,9 @@ def test_a_tensor_for_a_module_the_config_does_not_list(saved, adapter):
 
 
 def test_two_coordinate_tensors_for_one_module(saved, adapter):
-    def both(t):
-        t[f"{KEY}.sparse_opd_indices"] = torch.arange(3, dtype=torch.int32)
+    def both(t):  # up_proj's saved form (a coded stream under _indices) plus a bitmask beside it, or vice versa
+        t[f"{KEY}.sparse_opd_indices"] = t.get(f"{KEY}.sparse_opd_indices", torch.arange(3, dtype=torch.int32))
+        t[f"{KEY}.sparse_opd_bitmask"] = t.get(f"{KEY}.sparse_opd_bitmask", torch.zeros(2048 // 8, dtype=torch.uint8))
 
     edit_tensors(adapter, both)
     load_fails(adapter, ValueError, f"module '{UP}': holds both", good=saved / "adapter")
@@ -165,6 +168,56 @@ def test_wrong_shapes_are_refused_before_wrapping(saved, adapter, param, shape, 
 
     edit_tensors(adapter, reshape)
     load_fails(adapter, ValueError, match, good=saved / "adapter")
+
+
+# ------------------------------------------------------------------------------------------------ coded positions
+def _swap_in_bucket(positions: list[int], low_bits: int) -> list[int]:
+    """Swap the first two neighbours that share their Elias-Fano upper bits: the stream stays well-formed."""
+    k = next(k for k in range(len(positions) - 1) if positions[k] >> low_bits == positions[k + 1] >> low_bits)
+    return positions[:k] + [positions[k + 1], positions[k]] + positions[k + 2 :]
+
+
+_U8 = torch.uint8
+STREAM_CASES = {  # (p: the module's positions, L: its low-bit width, s: its saved stream) -> a hostile tensor
+    "truncated": (lambda p, L, s: s[:-1], r"Elias-Fano payload is \d+ bytes, \d+ positions take \d+ \(truncated\)"),
+    "trailing_bytes": (lambda p, L, s: torch.cat([s, torch.zeros(1, dtype=_U8)]), r"\(trailing bytes\)"),
+    "header_only": (lambda p, L, s: s[:2], "2 bytes long, shorter than any header"),
+    "unknown_codec": (lambda p, L, s: torch.cat([torch.tensor([9], dtype=_U8), s[1:]]), "unknown position codec 9"),
+    "low_bits_too_wide": (lambda p, L, s: torch.cat([s[:1], torch.tensor([40], dtype=_U8), s[2:]]),
+                          "low-bit width 40 is wider"),
+    "padding_bit_set": (lambda p, L, s: torch.cat([s[:-1], s[-1:] | 1]), "padding bits set"),
+    "header_count_lies": (lambda p, L, s: varint_stream(p, count=len(p) + 1), r"holds \d+ varints, its header says"),
+    "count_differs_from_config": (lambda p, L, s: elias_fano_stream(p[:-1], 2048, L),
+                                  r"\d+ coordinates but adapter_config.json says \d+"),
+    "out_of_range": (lambda p, L, s: varint_stream(p[:-1] + [2048 + 5]), r"coordinate out of range \[0, 2048\)"),
+    "gap_beyond_weight": (lambda p, L, s: varint_stream([3000]), r"gap of 3000 puts a coordinate out of range"),
+    "overlong_varint": (lambda p, L, s: varint_stream([10**6]), "a varint is 3 bytes long, more than the 2"),
+    "duplicate_varint": (lambda p, L, s: varint_stream(p[:1] + p[:-1]), "duplicate coordinates"),
+    "duplicate_elias_fano": (lambda p, L, s: elias_fano_stream(p[:1] + p[:-1], 2048, L), "duplicate coordinates"),
+    "unsorted_elias_fano": (lambda p, L, s: elias_fano_stream(_swap_in_bucket(p, L), 2048, L), "not sorted ascending"),
+    "int16_indices": (lambda p, L, s: torch.tensor(p, dtype=torch.int16),
+                      r"must be int32 / int64 \(positions\) or uint8 \(a coded stream"),
+    "two_dimensional": (lambda p, L, s: s[: s.numel() // 2 * 2].reshape(2, -1), "must be 1-D uint8"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(STREAM_CASES))
+def test_hostile_coded_positions_are_refused(saved, adapter, case):
+    """Format version 2: up_proj's 10 % mask is saved as an Elias-Fano stream; each damaged or lying stream is
+    refused with a ValueError naming the file and the module, before the base is wrapped."""
+    key = f"{KEY}.sparse_opd_indices"
+    stream = load_file(saved / "adapter" / "adapter_model.safetensors")[key]
+    assert stream.dtype == torch.uint8 and int(stream[0]) == CODEC_ELIAS_FANO
+    positions, low_bits = decode_positions(stream, 64 * 32).tolist(), int(stream[1])
+    edit, match = STREAM_CASES[case]
+    edit_tensors(adapter, lambda t: t.__setitem__(key, edit(positions, low_bits, stream).contiguous()))
+    load_fails(adapter, ValueError, f"adapter_model.safetensors module '{UP}': .*{match}", good=saved / "adapter")
+
+
+@pytest.mark.parametrize("version", [0, -1, True])
+def test_format_version_below_one_is_refused(adapter, version):
+    edit_config(adapter, lambda c: c.__setitem__("format_version", version))
+    load_fails(adapter, ValueError, r"field format_version must be an integer \(1 \.\. 2\)")
 
 
 # ------------------------------------------------------------------------------------------------ bad configs
@@ -290,3 +343,27 @@ def test_modules_to_save_copies_still_load(tmp_path):
     save_adapter(pm, tmp_path / "a")
     assert "base_model.model.lm_head.weight" in load_file(tmp_path / "a" / "adapter_model.safetensors")
     assert torch.equal(PeftModel.from_pretrained(make_model(), tmp_path / "a")(ids).logits, pm(ids).logits)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [(lambda p: p.write_bytes(b"{not json"), "adapter_config.json: not valid JSON"),
+     (lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "peft_type": "MAGIC"})), "is a MAGIC adapter"),
+     (lambda p: p.write_text(json.dumps({k: v for k, v in json.loads(p.read_text()).items() if k != "peft_type"})),
+      "no peft_type")],
+    ids=["non_json", "unknown_peft_type", "no_peft_type"],
+)  # fmt: skip
+def test_load_adapter_reads_a_hostile_config_first(saved, adapter, edit, match):
+    """peft's PeftModel.from_pretrained parses adapter_config.json before any method code (its own JSONDecodeError /
+    KeyError, documented in the README); sparse_opd_peft.load_adapter gives one clear error naming the file, and the
+    base stays a plain model."""
+    from sparse_opd_peft import load_adapter
+
+    edit(adapter / "adapter_config.json")
+    files = snapshot(adapter)
+    base = make_model()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    with pytest.raises(ValueError, match=match):
+        load_adapter(base, adapter)
+    assert_unwrapped(base, before)
+    assert snapshot(adapter) == files

@@ -26,7 +26,7 @@ from ..tuner.storage import (
 )
 
 MASK_FORMAT = "sparse_opd_mask"
-MASK_FORMAT_VERSION = 1
+MASK_FORMAT_VERSION = 2  # 2: sparse modules may be coded uint8 streams (tuner/positions.py)
 
 
 def _check_bool_mask(name: str, value) -> torch.Tensor:

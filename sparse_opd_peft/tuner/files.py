@@ -13,7 +13,15 @@ from typing import Optional
 import torch
 
 from ..atomic import normalize_modes, staged_directory
-from .storage import VALUE_DTYPES, decode_adapter_state, load_safetensors_checked, parse_adapter_key
+from .storage import (  # noqa: F401  (adapter_file_bytes / safetensors_nbytes re-exported: their former home)
+    ADAPTER_FORMAT_VERSION,
+    VALUE_DTYPES,
+    adapter_file_bytes,
+    decode_adapter_state,
+    load_safetensors_checked,
+    parse_adapter_key,
+    safetensors_nbytes,
+)
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 
@@ -156,8 +164,11 @@ def check_adapter_config_fields(data: Mapping, source: str) -> None:
         ValueError: naming ``source``, the field and the fix.
     """
     version = data.get("format_version", 1)
-    if isinstance(version, bool) or not isinstance(version, int):
-        raise ValueError(f"{source}: field format_version must be an integer (1), got {version!r}; {_RESAVE}")
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(
+            f"{source}: field format_version must be an integer (1 .. {ADAPTER_FORMAT_VERSION}), got {version!r}; "
+            f"{_RESAVE}"
+        )
     if data.get("save_dtype", "float32") not in VALUE_DTYPES:
         raise ValueError(
             f"{source}: field save_dtype must be one of {sorted(VALUE_DTYPES)}, got {data.get('save_dtype')!r}; "
@@ -368,45 +379,3 @@ def save_adapter(model, directory: str | os.PathLike, **kwargs) -> Path:
                     copy = shutil.copytree if entry.is_dir() else shutil.copy2
                     copy(entry, tmp / entry.name)
     return directory
-
-
-# safetensors writes tensors sorted by dtype (this order, descending), then by name; the header is padded to 8 bytes.
-_SAFETENSORS_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
-                       "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "F64": torch.float64,
-                       "I64": torch.int64}  # fmt: skip
-
-
-def safetensors_nbytes(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> int:
-    """Exact size in bytes of the file ``safetensors.torch.save_file(tensors, metadata=metadata)`` writes, computed
-    from names, shapes and dtypes only (no copy of the data).
-
-    Args:
-        tensors: ``{name: tensor}`` of any shapes; dtypes bool, (u)int8/16/32/64, float16/bfloat16/32/64.
-        metadata: the ``__metadata__`` strings (peft writes ``{"format": "pt"}``).
-    """
-    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
-    if any(t.dtype not in names for t in tensors.values()):  # rare dtypes: let safetensors serialize in memory
-        from safetensors.torch import save
-
-        return len(save({k: v.contiguous() for k, v in tensors.items()}, metadata=dict(metadata or {}) or None))
-    order = list(_SAFETENSORS_DTYPES)
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for key, tensor in sorted(tensors.items(), key=lambda kv: (-order.index(names[kv[1].dtype]), kv[0])):
-        nbytes = tensor.numel() * tensor.element_size()
-        header[key] = {
-            "dtype": names[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    return 8 + len(raw) + (-len(raw)) % 8 + offset
-
-
-def adapter_file_bytes(model, adapter_name: str = "default") -> int:
-    """Size in bytes of the ``adapter_model.safetensors`` that ``model.save_pretrained`` writes for ``adapter_name``
-    (packed coordinates, values in ``save_dtype``), without writing it."""
-    from peft.utils import get_peft_model_state_dict
-
-    return safetensors_nbytes(get_peft_model_state_dict(model, adapter_name=adapter_name), {"format": "pt"})

@@ -10,6 +10,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
 from ..visibility import visibility_summary
+from .config import CONFIG_FORMAT_VERSION
 from .layer import Linear, SparseOPDLayer
 from .plan import build_plan, summarize_metadata
 from .storage import pack_coordinates
@@ -164,10 +165,12 @@ class SparseOPDModel(BaseTuner):
     # ------------------------------------------------------------------ save / load
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
-        """Pack coordinates (bitmask when density >= 1/32, else int32) and cast values to ``config.save_dtype``.
+        """Pack coordinates in the smallest form of :func:`.storage.pack_coordinates` (bitmask, int32 indices or a
+        uint8 Elias-Fano / delta-varint stream) and cast values to ``config.save_dtype``.
         First the config's metadata is re-derived from this model's layers (:func:`refresh_metadata`), so the
         ``adapter_config.json`` written next describes this adapter even when its config object built others."""
         refresh_metadata(model, config, adapter_name)
+        config.format_version = CONFIG_FORMAT_VERSION  # what is written now, also for an adapter loaded from format 1
         raw = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
         save_dtype = _SAVE_DTYPES[config.save_dtype]
         out = {}
@@ -266,8 +269,8 @@ class SparseOPDModel(BaseTuner):
 
 
 def unpack_state_dict(config, state_dict: dict[str, torch.Tensor], source: str = "adapter_model.safetensors") -> dict:
-    """Check a saved adapter state dict against ``config`` and decode its bitmask / int32 coordinates into
-    ``sparse_opd_indices`` tensors (see :func:`.storage.decode_adapter_state` for every check).
+    """Check a saved adapter state dict against ``config`` and decode its coordinates (bitmask, int32
+    indices or a coded uint8 stream) into ``sparse_opd_indices`` tensors (see :func:`.storage.decode_adapter_state` for every check).
 
     Args:
         config: the adapter's ``SparseOPDConfig``.

@@ -1,13 +1,12 @@
-"""On-disk packing of sparse coordinates, base-weight fingerprints and atomic safetensors writes.
+"""On-disk adapter files: tensor names, the check and decoding of a saved adapter's tensors, base-weight fingerprints,
+and atomic / checked safetensors writes and reads.
 
-Coordinates of one (out, in) weight are sorted flat indices ``i = row * in + col``. On disk they are stored as
-either
-
-* a packed bitmask: ``uint8`` of length ``ceil(out * in / 8)``, bit ``7 - (i % 8)`` of byte ``i // 8`` set when
-  ``i`` is a coordinate (numpy ``packbits`` order); 1 bit per weight entry, used when density >= 1/32, or
-* sorted ``int32`` flat indices (``int64`` when ``out * in >= 2**31``): 4 bytes per coordinate, used below 1/32.
-
-At density 1/32 both cost 4 bytes per coordinate, so the rule always picks the smaller one.
+Adapter file format (``adapter_model.safetensors``, :data:`ADAPTER_FORMAT_VERSION`): per module with coordinates
+``sparse_opd_values`` (nnz,) in ``save_dtype`` and one coordinate tensor in the smallest form of
+:func:`.positions.pack_coordinates`: ``sparse_opd_bitmask`` (``uint8`` bitmask), or ``sparse_opd_indices``: sorted
+``int32`` / ``int64`` flat indices, or (version 2) a ``uint8`` coded stream (Elias-Fano or delta-varint, see
+:mod:`.positions`); per module with a subspace ``sparse_opd_coeff`` (out, r) and ``sparse_opd_basis`` (in, r).
+Version-1 files (bitmask or int32 / int64 indices only) are valid version-2 files and load unchanged.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ import json
 import os
 from collections.abc import Collection, Mapping
 from pathlib import Path
+from typing import Optional
 
 import safetensors.torch
 import torch
@@ -24,81 +24,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..atomic import atomic_file
+from .positions import (  # noqa: F401  (re-exported: the coordinate codecs' long-standing home)
+    index_dtype,
+    pack_bitmask,
+    pack_coordinates,
+    unpack_bitmask,
+    unpack_coordinates,
+    validate_flat_indices,
+)
 
-BITMASK_MIN_DENSITY = 1.0 / 32.0
+ADAPTER_FORMAT_VERSION = 2
 FINGERPRINT_SAMPLES = 4096
-_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-
-
-def index_dtype(numel: int) -> torch.dtype:
-    """Smallest signed integer dtype that holds flat indices into a tensor of ``numel`` entries."""
-    return torch.int32 if numel < 2**31 else torch.int64
-
-
-def pack_bitmask(flat_indices: torch.Tensor, numel: int) -> torch.Tensor:
-    """Pack sorted flat indices (1-D integer tensor) into a bitmask: 1-D ``uint8`` of length ``ceil(numel / 8)``."""
-    bits = torch.zeros(((numel + 7) // 8) * 8, dtype=torch.uint8, device=flat_indices.device)
-    bits[flat_indices.long()] = 1
-    return (bits.view(-1, 8) * _BIT_WEIGHTS.to(bits.device)).sum(dim=1, dtype=torch.uint8)
-
-
-def unpack_bitmask(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bitmask`: 1-D ``uint8`` -> sorted flat indices (1-D ``int64``)."""
-    if packed.dtype != torch.uint8 or packed.dim() != 1 or packed.numel() != (numel + 7) // 8:
-        raise ValueError(
-            f"bitmask must be 1-D uint8 of length {(numel + 7) // 8} for {numel} weight entries, "
-            f"got {packed.dtype} {tuple(packed.shape)}"
-        )
-    bits = (packed.unsqueeze(1) & _BIT_WEIGHTS.to(packed.device)).ne(0).reshape(-1)
-    if bits[numel:].any():
-        raise ValueError("bitmask has bits set past the end of the weight (padding bits must be zero)")
-    return bits[:numel].nonzero().squeeze(1)
-
-
-def pack_coordinates(flat_indices: torch.Tensor, numel: int) -> tuple[str, torch.Tensor]:
-    """Choose the on-disk form of sorted flat indices: ``("bitmask", uint8)`` or ``("indices", int32|int64)``."""
-    if flat_indices.numel() >= numel * BITMASK_MIN_DENSITY:
-        return "bitmask", pack_bitmask(flat_indices, numel)
-    return "indices", flat_indices.to(index_dtype(numel)).contiguous()
-
-
-def validate_flat_indices(indices: torch.Tensor, numel: int, where: str) -> torch.Tensor:
-    """Check that ``indices`` (1-D integer) are in ``[0, numel)``, strictly increasing; return them as int64.
-
-    Raises:
-        ValueError: naming ``where`` (module or file) on out-of-range, duplicate or unsorted indices.
-    """
-    if indices.dim() != 1 or indices.dtype.is_floating_point or indices.dtype == torch.bool:
-        raise ValueError(
-            f"{where}: coordinates must be a 1-D integer tensor, got {indices.dtype} {tuple(indices.shape)}"
-        )
-    idx = indices.long()
-    if idx.numel() == 0:
-        raise ValueError(f"{where}: the adapter has no coordinates (empty mask); drop this module from the mask")
-    if int(idx.min()) < 0 or int(idx.max()) >= numel:
-        raise ValueError(
-            f"{where}: coordinate out of range [0, {numel}) (min {int(idx.min())}, max {int(idx.max())}); "
-            "the file does not belong to this weight shape"
-        )
-    steps = idx[1:] - idx[:-1]
-    if (steps == 0).any():
-        raise ValueError(f"{where}: duplicate coordinates; each weight entry may appear once (re-save the adapter)")
-    if (steps < 0).any():
-        raise ValueError(f"{where}: coordinates are not sorted ascending (re-save the adapter)")
-    return idx
-
-
-def unpack_coordinates(kind: str, tensor: torch.Tensor, numel: int, where: str) -> torch.Tensor:
-    """Decode a stored ``("bitmask" | "indices", tensor)`` pair into validated sorted flat int64 indices."""
-    if kind == "bitmask":
-        try:
-            idx = unpack_bitmask(tensor, numel)
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
-        return validate_flat_indices(idx, numel, where)
-    if kind == "indices":
-        return validate_flat_indices(tensor, numel, where)
-    raise ValueError(f"{where}: unknown coordinate encoding {kind!r} (expected 'bitmask' or 'indices')")
 
 
 def _bf16_sha256(values: torch.Tensor) -> str:
@@ -213,17 +149,102 @@ def _check_float(t: torch.Tensor, shape: tuple[int, ...], dtypes: tuple[torch.dt
         )
 
 
+def _group_adapter_tensors(
+    config, state_dict: Mapping[str, torch.Tensor], source: str, allowed: Collection[str]
+) -> tuple[dict[str, dict[str, tuple[str, torch.Tensor]]], dict[str, torch.Tensor]]:
+    """Sort a file's tensors by module: ``({module: {"coords" | param: (key, tensor)}}, {allowed key: tensor})``;
+    foreign keys, tensors of unlisted modules and two tensors of one kind for a module are refused."""
+    found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
+    passed: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor; {_REFUSE}")
+        if key in allowed:
+            passed[key] = value
+            continue
+        name, param = parse_adapter_key(key)
+        if not param:
+            raise ValueError(f"{source}: holds {key!r}, which is not a tensor of this adapter; {_REFUSE}")
+        if name not in config.module_shapes:
+            raise ValueError(
+                f"{source}: tensor {key!r} is for module '{name}', which adapter_config.json does not list "
+                f"(module_shapes); {_REFUSE}"
+            )
+        kind = "coords" if param in ("sparse_opd_bitmask", "sparse_opd_indices") else param
+        if kind in found.setdefault(name, {}):
+            raise ValueError(f"{source} module '{name}': holds both {found[name][kind][0]!r} and {key!r}; {_REFUSE}")
+        found[name][kind] = (key, value)
+    return found, passed
+
+
+def _decode_coordinates(key: str, packed: torch.Tensor, numel: int, nnz: int, where: str) -> torch.Tensor:
+    """One module's stored coordinate tensor -> sorted flat indices (``int32``, ``int64`` when numel >= 2³¹), which
+    must number ``nnz`` (the count adapter_config.json gives)."""
+    if key.endswith("sparse_opd_bitmask"):
+        kind = "bitmask"
+    elif packed.dtype == torch.uint8:
+        kind = "coded"
+    elif packed.dtype in (torch.int32, torch.int64):
+        kind = "indices"
+    else:
+        raise ValueError(
+            f"{where}: sparse_opd_indices must be int32 / int64 (positions) or uint8 (a coded stream, format "
+            f"version 2), got {packed.dtype}; {_REFUSE}"
+        )
+    idx = unpack_coordinates(kind, packed, numel, where)
+    if idx.numel() != nnz:
+        raise ValueError(
+            f"{where}: {idx.numel()} coordinates but adapter_config.json says {nnz}; the file and its config "
+            "do not belong together (a file copied over another adapter's): re-save the adapter"
+        )
+    return idx.to(index_dtype(numel))
+
+
+def _decode_module(config, name: str, have: Mapping[str, tuple[str, torch.Tensor]], where: str) -> dict:
+    """Check and decode one module's tensors against adapter_config.json (see :func:`decode_adapter_state`)."""
+    out_f, in_f = (int(x) for x in config.module_shapes[name])
+    nnz, rank = int(config.module_nnz.get(name, 0)), int(config.module_rank.get(name, 0))
+    need = ({"coords", "sparse_opd_values"} if nnz else set()) | (
+        {"sparse_opd_coeff", "sparse_opd_basis"} if rank else set()
+    )
+    missing, extra = sorted(need - set(have)), sorted(set(have) - need)
+    if missing:
+        what = ", ".join("coordinates" if m == "coords" else m for m in missing)
+        raise ValueError(f"{where}: no {what} although adapter_config.json gives it {nnz} coordinates and rank "
+                         f"{rank}; the file is incomplete: re-save the adapter")  # fmt: skip
+    if extra:
+        raise ValueError(f"{where}: {have[extra[0]][0]!r} is not part of this module's adapter (adapter_config.json"
+                         f" gives it {nnz} coordinates and rank {rank}); {_REFUSE}")  # fmt: skip
+    save_dtype = VALUE_DTYPES[config.save_dtype]
+    out = {}
+    if nnz:
+        key, packed = have["coords"]
+        idx = _decode_coordinates(key, packed, out_f * in_f, nnz, where)
+        out[key.replace("sparse_opd_bitmask", "sparse_opd_indices")] = idx
+        key, values = have["sparse_opd_values"]
+        _check_float(values, (nnz,), (save_dtype,), f"{where}: sparse_opd_values")
+        out[key] = values
+    if rank:
+        key, coeff = have["sparse_opd_coeff"]
+        _check_float(coeff, (out_f, rank), (save_dtype,), f"{where}: sparse_opd_coeff")
+        out[key] = coeff
+        key, basis = have["sparse_opd_basis"]
+        _check_float(basis, (in_f, rank), tuple(VALUE_DTYPES.values()), f"{where}: sparse_opd_basis")
+        out[key] = basis
+    return out
+
+
 def decode_adapter_state(
     config, state_dict: Mapping[str, torch.Tensor], source: str, allowed: Collection[str] = ()
 ) -> dict[str, torch.Tensor]:
     """Check a saved adapter's tensors against its config and decode the packed coordinates.
 
     Every key must be ``base_model.model.<module>.<param>`` of a module in ``config.module_shapes``: per module with
-    ``module_nnz`` n > 0 exactly one coordinate tensor (bitmask ``uint8`` or sorted ``int32`` / ``int64`` indices;
-    n valid coordinates) and ``values`` (n,) in ``config.save_dtype``; per module with ``module_rank`` r > 0
-    ``coeff`` (out, r) in ``save_dtype`` and ``basis`` (in, r) float; all finite; nothing else, so a file holding
-    base weights (``...base_layer.weight``, ``model.embed_tokens.weight``) or a module the config does not train is
-    refused before anything is loaded.
+    ``module_nnz`` n > 0 exactly one coordinate tensor (bitmask ``uint8``, sorted ``int32`` / ``int64`` indices or a
+    ``uint8`` coded stream; n valid coordinates) and ``values`` (n,) in ``config.save_dtype``; per module with
+    ``module_rank`` r > 0 ``coeff`` (out, r) in ``save_dtype`` and ``basis`` (in, r) float; all finite; nothing else,
+    so a file holding base weights (``...base_layer.weight``, ``model.embed_tokens.weight``) or a module the config
+    does not train is refused before anything is loaded. Format versions 1 and 2 (:data:`ADAPTER_FORMAT_VERSION`).
 
     Args:
         config: a ``SparseOPDConfig`` whose metadata was checked (:func:`..files.check_adapter_metadata`).
@@ -238,63 +259,50 @@ def decode_adapter_state(
     Raises:
         ValueError / TypeError: naming ``source``, the module and the tensor.
     """
-    found: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
-    out: dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{source}: entry {key!r} is a {type(value).__name__}, not a tensor; {_REFUSE}")
-        if key in allowed:
-            out[key] = value
-            continue
-        name, param = parse_adapter_key(key)
-        if not param:
-            raise ValueError(f"{source}: holds {key!r}, which is not a tensor of this adapter; {_REFUSE}")
-        if name not in config.module_shapes:
-            raise ValueError(
-                f"{source}: tensor {key!r} is for module '{name}', which adapter_config.json does not list "
-                f"(module_shapes); {_REFUSE}"
-            )
-        kind = "coords" if param in ("sparse_opd_bitmask", "sparse_opd_indices") else param
-        if kind in found.setdefault(name, {}):
-            raise ValueError(f"{source} module '{name}': holds both {found[name][kind][0]!r} and {key!r}; {_REFUSE}")
-        found[name][kind] = (key, value)
-    save_dtype = VALUE_DTYPES[config.save_dtype]
+    found, out = _group_adapter_tensors(config, state_dict, source, allowed)
     for name in sorted(set(found) | set(config.module_nnz) | set(config.module_rank)):
-        where = f"{source} module '{name}'"
-        have = found.get(name, {})
-        out_f, in_f = (int(x) for x in config.module_shapes[name])
-        nnz, rank = int(config.module_nnz.get(name, 0)), int(config.module_rank.get(name, 0))
-        need = ({"coords", "sparse_opd_values"} if nnz else set()) | (
-            {"sparse_opd_coeff", "sparse_opd_basis"} if rank else set()
-        )
-        missing, extra = sorted(need - set(have)), sorted(set(have) - need)
-        if missing:
-            what = ", ".join("coordinates" if m == "coords" else m for m in missing)
-            raise ValueError(f"{where}: no {what} although adapter_config.json gives it {nnz} coordinates and rank "
-                             f"{rank}; the file is incomplete: re-save the adapter")  # fmt: skip
-        if extra:
-            raise ValueError(f"{where}: {have[extra[0]][0]!r} is not part of this module's adapter (adapter_config.json"
-                             f" gives it {nnz} coordinates and rank {rank}); {_REFUSE}")  # fmt: skip
-        if nnz:
-            key, packed = have["coords"]
-            kind = "bitmask" if key.endswith("sparse_opd_bitmask") else "indices"
-            if kind == "indices" and packed.dtype not in (torch.int32, torch.int64):
-                raise ValueError(f"{where}: sparse_opd_indices must be int32 / int64, got {packed.dtype}; {_REFUSE}")
-            idx = unpack_coordinates(kind, packed, out_f * in_f, where)
-            if idx.numel() != nnz:
-                raise ValueError(
-                    f"{where}: {idx.numel()} coordinates but adapter_config.json says {nnz}; the file and its config "
-                    "do not belong together (a file copied over another adapter's): re-save the adapter"
-                )
-            out[key.replace("sparse_opd_bitmask", "sparse_opd_indices")] = idx.to(index_dtype(out_f * in_f))
-            key, values = have["sparse_opd_values"]
-            _check_float(values, (nnz,), (save_dtype,), f"{where}: sparse_opd_values")
-            out[key] = values
-        if rank:
-            key, coeff = have["sparse_opd_coeff"]
-            _check_float(coeff, (out_f, rank), (save_dtype,), f"{where}: sparse_opd_coeff")
-            out[key] = coeff
-            key, basis = have["sparse_opd_basis"]
-            _check_float(basis, (in_f, rank), tuple(VALUE_DTYPES.values()), f"{where}: sparse_opd_basis")
-            out[key] = basis
+        out.update(_decode_module(config, name, found.get(name, {}), f"{source} module '{name}'"))
     return out
+
+
+# ---------------------------------------------------------------------------------------------- file sizes
+# safetensors writes tensors sorted by dtype (this order, descending), then by name; the header is padded to 8 bytes.
+_SAFETENSORS_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
+                       "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64}  # fmt: skip
+
+
+def safetensors_nbytes(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> int:
+    """Exact size in bytes of the file ``safetensors.torch.save_file(tensors, metadata=metadata)`` writes, computed
+    from names, shapes and dtypes only (no copy of the data).
+
+    Args:
+        tensors: ``{name: tensor}`` of any shapes; dtypes bool, (u)int8/16/32/64, float16/bfloat16/32/64.
+        metadata: the ``__metadata__`` strings (peft writes ``{"format": "pt"}``).
+    """
+    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+    if any(t.dtype not in names for t in tensors.values()):  # rare dtypes: let safetensors serialize in memory
+        from safetensors.torch import save
+
+        return len(save({k: v.contiguous() for k, v in tensors.items()}, metadata=dict(metadata or {}) or None))
+    order = list(_SAFETENSORS_DTYPES)
+    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
+    offset = 0
+    for key, tensor in sorted(tensors.items(), key=lambda kv: (-order.index(names[kv[1].dtype]), kv[0])):
+        nbytes = tensor.numel() * tensor.element_size()
+        header[key] = {
+            "dtype": names[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    return 8 + len(raw) + (-len(raw)) % 8 + offset
+
+
+def adapter_file_bytes(model, adapter_name: str = "default") -> int:
+    """Size in bytes of the ``adapter_model.safetensors`` that ``model.save_pretrained`` writes for ``adapter_name``
+    (packed coordinates, values in ``save_dtype``), without writing it."""
+    from peft.utils import get_peft_model_state_dict
+
+    return safetensors_nbytes(get_peft_model_state_dict(model, adapter_name=adapter_name), {"format": "pt"})

@@ -74,7 +74,14 @@ def _module_rows(config, layout: dict) -> tuple[dict[str, dict], dict[str, int]]
         parts[kind] += t["bytes"]
         row = rows.get(_module_name(module))
         if row is not None and kind == "coordinates":
-            row["packing"] = "bitmask" if param == "sparse_opd_bitmask" else f"indices ({t['dtype'].lower()})"
+            coded = t["dtype"] == "U8"  # format 2: an Elias-Fano / delta-varint stream
+            row["packing"] = (
+                "bitmask"
+                if param == "sparse_opd_bitmask"
+                else "coded stream"
+                if coded
+                else f"indices ({t['dtype'].lower()})"
+            )
     for name, row in rows.items():
         row["type"] = module_type(name)
     return rows, parts
