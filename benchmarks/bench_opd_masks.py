@@ -64,8 +64,8 @@ def _job(job: dict) -> dict:
     if path.exists():
         return json.loads(path.read_text())
     world, t0 = _world(), time.perf_counter()
-    cfg = ToyRunConfig(task=job["task"], loss=job["loss"], lr=job["lr"], steps=job["steps"], seed=job["seed"],
-                       progress=False)  # fmt: skip
+    cfg = ToyRunConfig(task=job["task"]).with_(loss=job["loss"], lr=job["lr"], steps=job["steps"], seed=job["seed"],
+                                               progress_bar=False)  # fmt: skip
     if job["kind"] == "full":
         model, hist, secs = opd_run(world.load_student(), world, cfg)
         if job.get("save"):

@@ -71,7 +71,7 @@ def _job(args: tuple) -> dict:
     student = world.load_student()
     student.load_state_dict(state)
     w0 = {k: v.clone() for k, v in student.state_dict().items()}
-    cfg = ToyRunConfig(task=task, lr=float(lr), optimizer=optimizer, seed=seed, steps=steps, progress=False)
+    cfg = ToyRunConfig(task=task).with_(lr=float(lr), optimizer=optimizer, seed=seed, steps=steps, progress_bar=False)
     model, hist, secs = opd_run(student, world, cfg)
     return {
         "stop": stop, "lr": args[3], "seed": seed, "final": heldout_accuracy(model, world, task, n_eval),

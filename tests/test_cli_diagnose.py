@@ -15,8 +15,7 @@ from typer.testing import CliRunner
 
 from sparse_opd_peft import SparseMask
 from sparse_opd_peft.cli import app
-from sparse_opd_peft.masks import mask_from_checkpoints
-from sparse_opd_peft.masks import load_subspace
+from sparse_opd_peft.masks import load_subspace, mask_from_checkpoints
 
 CFG = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
            num_key_value_heads=1, head_dim=16)  # fmt: skip

@@ -19,7 +19,7 @@ from sparse_opd_peft import SparseMask
 from sparse_opd_peft.cli import app
 from sparse_opd_peft.data import load_prompts
 from sparse_opd_peft.lab.toy import build_tokenizer, make_splits
-from sparse_opd_peft.subspace import save_subspace
+from sparse_opd_peft.masks import save_subspace
 
 runner = CliRunner()
 UP = "model.layers.0.mlp.up_proj"
@@ -283,11 +283,11 @@ def test_inspect_numbers_match_the_mask(w, mask_run):
     for kind, stats in mask.type_stats().items():
         assert r["by_type"][kind]["nnz"] == stats["nnz"]
         assert r["by_type"][kind]["density"] == pytest.approx(stats["density"])
-    assert all(m["packing"] == "bitmask" for m in r["modules"].values())  # density 0.1 >= 1/32
+    assert all(m["packing"] == "coded stream" for m in r["modules"].values())  # density 0.1: Elias-Fano < bitmask
     size = (mask_run / "adapter" / "adapter_model.safetensors").stat().st_size
     assert r["files"]["bytes_per_coordinate"] == pytest.approx(size / mask.nnz())
     names = {t["name"] for t in r["files"]["tensors"]}
-    assert any(n.endswith("sparse_opd_values") for n in names) and any(n.endswith("sparse_opd_bitmask") for n in names)
+    assert any(n.endswith("sparse_opd_values") for n in names) and any(n.endswith("sparse_opd_indices") for n in names)
     assert r["fingerprint"]["modules"] == len(mask) and r["visibility"]["computed"] is False
     text = ok(run("inspect", mask_run / "adapter")).stdout
     assert "not computed" in text and f"{mask.nnz():,} coordinates" in text and UP in text
@@ -377,3 +377,25 @@ def test_load_prompts_parquet_and_columns(w, tmp_path):
     assert ds.column_names == ["prompt", "answer"] and ds["answer"] == ["2", "4"]
     with pytest.raises(ValueError, match="split"):
         load_prompts(str(path), split="test", prompt_column="q")
+
+
+def test_train_job_holds_an_opd_config_built_from_the_flags(tmp_path):
+    """``TrainJob`` repeats no ``OPDConfig`` field: ``from_flags`` puts the flags named after OPDConfig fields into
+    ``job.opd`` (``--max-grad-norm 0`` = no clipping, ``--quiet`` = no progress bar, ``--save-every`` into
+    ``out/checkpoints``), keeps the rest on the job, and phrases OPDConfig's errors as flags."""
+    from dataclasses import fields
+
+    from sparse_opd_peft.opd import OPDConfig
+    from sparse_opd_peft.workflow.train import TrainJob, opd_config
+
+    opd_names = {f.name for f in fields(OPDConfig)}
+    assert not opd_names & {f.name for f in fields(TrainJob)}
+    job = TrainJob.from_flags(student="s", prompts="p.jsonl", out=tmp_path / "run", reward="exact", loss="mix",
+                              num_generations=4, alpha=0.3, max_grad_norm=0.0, save_every=5, quiet=True, lr=2e-4)  # fmt: skip
+    assert (job.student, job.reward, job.quiet) == ("s", "exact", True)
+    assert job.opd == OPDConfig(loss="mix", num_generations=4, alpha=0.3, max_grad_norm=None, save_every=5, lr=2e-4,
+                                checkpoint_dir=str(tmp_path / "run" / "checkpoints"), progress_bar=False)  # fmt: skip
+    assert opd_config(job) == job.opd
+    assert TrainJob(student="s", prompts="p", out=tmp_path).opd == OPDConfig()
+    with pytest.raises(ValueError, match=r"^--token-keep-ratio=0.0 is invalid"):
+        TrainJob.from_flags(student="s", prompts="p", out=tmp_path, token_keep_ratio=0.0)

@@ -54,7 +54,7 @@ def test_demo_full_opd_recipe_learns_on_the_shipped_world():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        run = _run_config(cfg, cfg.lr, "full OPD").with_(save_every=0, progress=False, seed=1)
+        run = _run_config(cfg, cfg.lr, "full OPD").with_(save_every=0, progress_bar=False, seed=1)
         model, history, _ = opd_run(world.load_student(), world, run)
     finally:
         torch.set_num_threads(threads)

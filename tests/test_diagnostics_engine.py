@@ -225,3 +225,43 @@ def test_reports(dirs, tmp_path):
     files = write_trajectory_report(tr, tmp_path / "out")
     assert all(f.exists() for f in files.values())
     assert math.isfinite(json.loads(files["trajectory.json"].read_text())["steps"][1]["sim_k"])
+
+
+def test_a_metric_declared_once_in_the_catalog_reaches_rows_summaries_reports_and_the_card(dirs, monkeypatch):
+    """Adding a metric is one ``Metric`` entry in ``diagnostics.catalog``: with ``compute`` it lands in every
+    per-matrix row, its mean in the summary / by-type / by-layer aggregates, its column in the report tables it is
+    ``shown`` in, and its value in the model card's diagnostics; a trajectory metric likewise in ``trajectory``."""
+    from sparse_opd_peft.diagnostics import catalog, markdown_summary, table1_line
+    from sparse_opd_peft.diagnostics.report import table1_header, trajectory_markdown
+    from sparse_opd_peft.model_card import _diagnostics_summary
+
+    new = catalog.Metric("max_abs_delta", "max abs ΔW", False, "mean", ("table1", "by_type", "card"),
+                         "largest |ΔW| entry", compute=lambda v: float(v.delta.abs().max()))  # fmt: skip
+    monkeypatch.setattr(catalog, "METRICS", (*catalog.METRICS, new))
+    monkeypatch.setattr(catalog, "TRAJECTORY_METRICS", (*catalog.TRAJECTORY_METRICS, catalog.TrajectoryMetric(
+        "sigma_max", "σ₁", compute=lambda s, shape, hill_k: float(s[0]) if s.numel() else 0.0)))  # fmt: skip
+    source, sparse, _ = dirs["models"]
+    res = diagnose(dirs["source"], dirs["sparse"], progress=False).to_dict()
+    w0, w1 = dict(source.named_parameters()), dict(sparse.named_parameters())
+    for row in res["matrices"]:
+        name = row["name"] + ".weight"
+        assert row["max_abs_delta"] == pytest.approx(float((w1[name].double() - w0[name].double()).abs().max()))
+    mean = sum(r["max_abs_delta"] for r in res["matrices"]) / len(res["matrices"])
+    assert res["summary"]["max_abs_delta"] == pytest.approx(mean)
+    assert all("max_abs_delta" in v for v in [*res["by_type"].values(), *res["by_layer"].values()])
+    assert table1_header().splitlines()[0].endswith("| FFN energy | max abs ΔW |")
+    assert table1_line(res).endswith(f" | {mean:.3g} |")
+    assert "| energy share | max abs ΔW |" in markdown_summary({**res, "seconds": 0.0})
+    assert _diagnostics_summary(res)["max_abs_delta"] == pytest.approx(mean)
+    assert catalog.card_keys()[-1] == "max_abs_delta" and "max_abs_delta" in catalog.mean_keys()
+    tr = trajectory(dirs["source"], [dirs["sparse"], dirs["dense"]], progress=False).to_dict()
+    assert all(s["sigma_max"] > 0 for s in tr["steps"]) and "| σ₁ |" in trajectory_markdown(tr)
+
+
+def test_the_catalog_refuses_a_malformed_metric():
+    from sparse_opd_peft.diagnostics.catalog import Metric
+
+    with pytest.raises(ValueError, match="unknown places"):
+        Metric("x", "x", shown=("table2",))
+    with pytest.raises(ValueError, match="aggregate='mean'"):
+        Metric("x", "x", aggregate="weighted", compute=lambda v: 0.0)

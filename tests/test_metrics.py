@@ -161,17 +161,6 @@ def test_principal_and_low_magnitude_masks():
     assert torch.equal(M.principal_mask(w, rank=5, alpha=0.5), M.top_fraction_mask(recon.float().abs(), 0.5))
 
 
-def test_mask_overlap_and_mask_vs_mask():
-    a = torch.tensor([True, True, False, False, True, False, False, False])
-    b = torch.tensor([True, False, True, False, True, True, False, False])
-    assert M.mask_overlap(a, b) == pytest.approx(2 / 4)
-    assert math.isnan(M.mask_overlap(a, torch.zeros(8, dtype=torch.bool)))
-    r = M.mask_vs_mask(a, b)
-    assert r["intersection"] == 2 and r["overlap"] == pytest.approx(2 / 3) and r["jaccard"] == pytest.approx(2 / 5)
-    assert r["random_overlap"] == pytest.approx(4 / 8)  # E|A∩B| = 3·4/8 = 1.5; / |A| = 0.5
-    assert r["random_jaccard"] == pytest.approx(1.5 / (7 - 1.5))
-
-
 def test_energy_shares():
     shares = M.energy_shares({"model.layers.0.mlp.up_proj": 3.0, "model.layers.0.self_attn.q_proj": 1.0})
     assert shares == {"ffn": 0.75, "attention": 0.25, "other": 0.0}

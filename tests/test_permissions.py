@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 from sparse_opd_peft import SparseMask, SparseOPDConfig, save_adapter
 from sparse_opd_peft.atomic import current_umask, write_json_atomic
 from sparse_opd_peft.cli import app
-from sparse_opd_peft.opd.checkpoint import save_trainable_state, save_training_state
 from sparse_opd_peft.masks import save_subspace
+from sparse_opd_peft.opd.checkpoint import save_trainable_state, save_training_state
 
 UP = "model.layers.0.mlp.up_proj"
 

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from sparse_opd_peft.lab.study import SECTIONS, RenderInfo, StudyConfig, write_atomic
-from sparse_opd_peft.lab.study.core import _SECTION_COST, render_header, worker_groups
+from sparse_opd_peft.lab.study.core import render_header
+from sparse_opd_peft.lab.study.workers import _SECTION_COST, worker_groups
 
 
 @pytest.mark.parametrize(
@@ -54,4 +55,4 @@ def test_header_and_compute_seconds_come_from_the_run_store():
     assert header[4] == ("Cost: 2 training runs, 35 optimizer steps; recorded wall-clock of all cached entries 4 min (as "
                          "first measured, whatever else ran on the machine then).")  # fmt: skip
     assert info.compute_seconds("rec_") == (2, 90.0) and info.compute_seconds("sub_") == (0, 0.0)
-    assert info.anchor == 0.131 and info.base.steps == 10 and info.base.eval_samples == 500
+    assert info.anchor == 0.131 and info.base.opd.steps == 10 and info.base.opd.eval_samples == 500

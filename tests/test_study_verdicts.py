@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sparse_opd_peft.lab.study import RenderInfo, StudyConfig, controls, geometry, predictors, recovery, subspace
+from sparse_opd_peft.lab.study import RenderInfo, StudyConfig, controls, geometry, predictors_report, recovery, subspace
 from sparse_opd_peft.lab.study.recovery_extra import low_lr_md, sgd_md
 
 VERDICT = re.compile(r"\*\*(not reproduced|reproduced|holds|fails)\*\*")
@@ -306,14 +306,14 @@ def _pred_rows(final: float, random: float, early: float, grad: float) -> dict[s
 
 
 def test_predictors_outcome_both_ways():
-    assert predictors.outcome(_pred_rows(0.90, 0.50, 0.89, 0.60)) == ("recovers", ["early10"])
-    assert predictors.outcome(_pred_rows(0.90, 0.50, 0.87, 0.92)) == ("recovers", ["g16_sq"])
-    assert predictors.outcome(_pred_rows(0.90, 0.50, 0.85, 0.60)) == ("none", [])
-    assert predictors.outcome(_pred_rows(0.51, 0.50, 0.51, 0.51)) == ("no_separation", [])
+    assert predictors_report.outcome(_pred_rows(0.90, 0.50, 0.89, 0.60)) == ("recovers", ["early10"])
+    assert predictors_report.outcome(_pred_rows(0.90, 0.50, 0.87, 0.92)) == ("recovers", ["g16_sq"])
+    assert predictors_report.outcome(_pred_rows(0.90, 0.50, 0.85, 0.60)) == ("none", [])
+    assert predictors_report.outcome(_pred_rows(0.51, 0.50, 0.51, 0.51)) == ("no_separation", [])
 
 
 def test_predictors_statements():
-    lines = predictors._verdict(_pred_rows(0.90, 0.50, 0.89, 0.505), full_acc=0.95)
+    lines = predictors_report._verdict(_pred_rows(0.90, 0.50, 0.89, 0.505), full_acc=0.95)
     assert lines[0] == ("Full OPD reaches 95.0 %; retraining on the final mask 90.0 %, on a random mask of the same "
                         "per-module density 50.0 %.")  # fmt: skip
     assert (
@@ -322,10 +322,10 @@ def test_predictors_statements():
     )
     assert lines[2] == "No better than the random mask (≤ 1 point above it): gradient Σg²."
     assert lines[3] == "Precision below the random expectation (anti-predictive at this density): gradient Σg²."
-    lines = predictors._verdict(_pred_rows(0.90, 0.50, 0.70, 0.80), full_acc=0.95)
+    lines = predictors_report._verdict(_pred_rows(0.90, 0.50, 0.70, 0.80), full_acc=0.95)
     assert lines[1] == ("**No predictor recovers full-mask quality** (within 2 points of the final mask). The best is "
                         "gradient Σg²: 80.0 % at a cost of 16 steps (2 s).")  # fmt: skip
     # the highest-IoU predictor (early Δ) is not the best-retraining one (gradient Σg²)
     assert lines[-1].startswith("Agreement with the final mask does not rank the masks by retraining accuracy")
-    lines = predictors._verdict(_pred_rows(0.51, 0.50, 0.51, 0.51), full_acc=0.95)
+    lines = predictors_report._verdict(_pred_rows(0.51, 0.50, 0.51, 0.51), full_acc=0.95)
     assert "does not separate the predictors" in lines[1] and not any("**" in ln for ln in lines)

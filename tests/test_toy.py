@@ -299,3 +299,49 @@ def test_toy_module_cli_shows_the_shipped_world_and_refuses_bad_flags(capsys, tm
     with pytest.raises(SystemExit) as err:
         main(["--export", str(tmp_path / "x")])
     assert err.value.code == 2 and "--export needs --rebuild" in capsys.readouterr().err
+
+
+def test_run_config_holds_an_opd_config_and_routes_changes():
+    """``ToyRunConfig`` repeats no ``OPDConfig`` field: the knobs live in ``cfg.opd`` (the toy recipe by default),
+    ``with_`` routes ``task`` / ``save_every`` to the run and every other name to the ``OPDConfig``, so a trainer
+    knob ToyRunConfig never names (``temperature``) reaches the run."""
+    from dataclasses import fields
+
+    from sparse_opd_peft.lab.toy import ToyRunConfig
+    from sparse_opd_peft.lab.toy.runs import TOY_OPD_RECIPE, toy_opd_config
+    from sparse_opd_peft.opd import OPDConfig
+
+    assert [f.name for f in fields(ToyRunConfig)] == ["task", "opd", "save_every"]
+    cfg = ToyRunConfig()
+    assert cfg.opd == OPDConfig(**TOY_OPD_RECIPE) == toy_opd_config()
+    assert (cfg.opd.steps, cfg.opd.batch_size, cfg.opd.warmup_steps, cfg.opd.lr) == (250, 64, 10, 1e-3)
+    changed = cfg.with_(task="sub", save_every=5, temperature=0.7, seed=3, loss="mix", num_generations=2)
+    assert (changed.task, changed.save_every) == ("sub", 5)
+    assert changed.opd == replace(cfg.opd, temperature=0.7, seed=3, loss="mix", num_generations=2)
+    assert changed.opd.seed == 3 and changed.opd.temperature == 0.7
+    assert cfg.opd.temperature == 1.0  # the original is unchanged
+    assert ToyRunConfig.from_dict(changed.to_dict()) == changed
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['progress'\]"):
+        cfg.with_(progress=False)
+    with pytest.raises(ValueError, match="OPDConfig.num_generations"):  # validated by OPDConfig itself
+        cfg.with_(loss="rlvr")
+    with pytest.raises(TypeError, match="ToyRunConfig.opd must be an OPDConfig"):
+        ToyRunConfig(opd={"lr": 1e-3})
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        cfg.nope  # noqa: B018
+
+
+def test_opd_config_of_a_run_sets_the_world_s_completion_length_and_the_snapshots(tmp_path):
+    """``opd_config`` = the run's OPDConfig with ``max_new_tokens`` from the task and snapshots only with a
+    directory; nothing else changes."""
+    from sparse_opd_peft.lab.toy import ToyRunConfig, load_world
+    from sparse_opd_peft.lab.toy.runs import opd_config
+
+    world = load_world()
+    cfg = ToyRunConfig(task="add", save_every=7).with_(lr=3e-4, temperature=0.9)
+    width = world.tasks["add"].answer_width
+    assert opd_config(world, cfg) == replace(cfg.opd, max_new_tokens=width + 2)
+    with_dir = opd_config(world, cfg, tmp_path)
+    assert (with_dir.save_every, with_dir.checkpoint_dir) == (7, str(tmp_path))
+    with pytest.raises(ValueError, match="task 'mul' is not in the toy world"):
+        opd_config(world, cfg.with_(task="mul"))

@@ -137,14 +137,15 @@ def train(
     quiet: bool = quiet_flag("No progress bars."),
 ) -> None:
     """Train STUDENT against a TEACHER with on-policy distillation (or SFT / RLVR / mix) and save the adapter, the trainer state and the metrics. Trains the sparse adapter (--mask and/or --subspace), a LoRA (--lora-rank) or every weight (--full)."""  # noqa: E501
-    args = {k: v.value if isinstance(v, Enum) else v for k, v in locals().items()}  # the flags, as TrainJob fields
+    # Over 80 lines only because typer declares one parameter per flag above; the body just hands them to the library.
+    args = {k: v.value if isinstance(v, Enum) else v for k, v in locals().items()}  # the flags, by TrainJob.from_flags
     from ..lab.toy.tasks import reward_verifiers
     from ..workflow.sources import quiet_library_warnings
     from ..workflow.train import TrainJob, run_training
 
     quiet_library_warnings()
     with cli_errors():
-        result = run_training(TrainJob(**args, verifiers=reward_verifiers()), echo=typer.echo)
+        result = run_training(TrainJob.from_flags(**args, verifiers=reward_verifiers()), echo=typer.echo)
     last = result.history[-1] if result.history else {}
     shown = ", ".join(f"{k} {last[k]:.4g}" for k in ("loss", "kl", "reward", "accuracy", "eval_accuracy") if k in last)
     typer.echo(

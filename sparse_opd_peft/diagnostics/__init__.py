@@ -1,7 +1,8 @@
 """Parameter-space diagnostics of weight updates (paper: *On the Geometry of On-Policy Distillation*).
 
-* :mod:`.metrics` - pure metric functions on tensors (sparsity, norms, principal angles, NSS, mask overlaps, update
-  spectrum, Sim_K, energy shares);
+* :mod:`.metrics` - pure metric functions on tensors (sparsity, norms, principal angles, NSS, update spectrum,
+  Sim_K, energy shares; mask overlaps are :func:`sparse_opd_peft.masks.mask_overlap`);
+* :mod:`.catalog` - the one declaration of the metrics (key, label, format, aggregation, where shown, compute);
 * :mod:`.spectral` - fast float64 singular values / top-k vectors (Gram + partial eigendecomposition);
 * :mod:`.sources` - stream tensors from model directories, sharded safetensors, Hub ids or in-memory models;
 * :mod:`.engine` - :func:`diagnose` (a checkpoint pair) and :func:`trajectory` (a list of checkpoints);

@@ -18,16 +18,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..masks.overlap import mask_overlap
 from ..module_types import MODULE_TYPES, layer_index, module_type
+from . import catalog
 from . import metrics as M
+from .catalog import MatrixView, computed
 from .sources import module_name, open_source, paired_weights
 from .spectral import gram_sigma_error, svd_topk, svd_topk_many
 
-MEAN_KEYS = (
-    "relative_norm", "nss", "principal_angle_deg", "principal_angle_u_deg", "principal_angle_v_deg",
-    "principal_overlap", "low_magnitude_overlap", "stable_rank", "top16_energy_share", "numerical_rank_ratio",
-    "hill_alpha",
-)  # fmt: skip
 NSS_RTOL = 1e-10  # the Gram route falls back to svdvals when its error bound exceeds this share of the NSS numerator
 
 
@@ -105,17 +103,16 @@ def analyze_matrix(
         relative_norm=delta_fro / w0_fro if w0_fro > 0 else (0.0 if delta_fro == 0 else math.nan),
     )  # fmt: skip
     extras: dict[str, torch.Tensor] = {}
+    sigma = None  # singular values of ΔW, for the catalog's own metrics
     low = M.low_magnitude_mask(w0, cfg.alpha) if n_vis else None
-    row["low_magnitude_overlap"] = M.mask_overlap(low, visible) if n_vis else math.nan
+    row["low_magnitude_overlap"] = mask_overlap(low, visible)["share_of_b"] if n_vis else math.nan
     row["principal_overlap"] = math.nan
     if cfg.spectral:
         k = min(cfg.top_k, min(w0.shape))
         if delta_fro == 0:  # identical matrices: every spectral comparison is exactly zero
-            zeros = torch.zeros(k, dtype=torch.float64)
+            zeros, sigma = torch.zeros(k, dtype=torch.float64), dd.new_zeros(0)
             extras.update(angles_u=zeros, angles_v=zeros)
-            row.update(
-                nss=0.0, route="identical", **M.update_spectrum(dd.new_zeros(0), tuple(w0.shape), 16, cfg.hill_k)
-            )
+            row.update(nss=0.0, route="identical", **M.update_spectrum(sigma, tuple(w0.shape), 16, cfg.hill_k))
         else:
             k0 = max(k, min(cfg.principal_rank, min(w0.shape)))
             r0, r1, rd = svd_topk_many([(w0d, k0), (w1d, k), (dd, 0)], method=cfg.method)
@@ -133,16 +130,18 @@ def analyze_matrix(
             )
             if n_vis:
                 princ = M.principal_mask(w0d, cfg.principal_rank, cfg.alpha, u=r0.U)
-                row["principal_overlap"] = M.mask_overlap(princ, visible)
+                row["principal_overlap"] = mask_overlap(princ, visible)["share_of_b"]
                 del princ
             del r0, r1, w0d, w1d
-            row.update(M.update_spectrum(rd.S, tuple(w0.shape), 16, cfg.hill_k, cfg.rank_rtol))
+            sigma = rd.S
+            row.update(M.update_spectrum(sigma, tuple(w0.shape), 16, cfg.hill_k, cfg.rank_rtol))
         au, av = _deg(extras["angles_u"]), _deg(extras["angles_v"])
         row.update(
             angle_k=k, principal_angle_u_deg=au, principal_angle_v_deg=av, principal_angle_deg=(au + av) / 2,
             principal_angle_u_max_deg=float(torch.rad2deg(extras["angles_u"]).max()),
             principal_angle_v_max_deg=float(torch.rad2deg(extras["angles_v"]).max()),
         )  # fmt: skip
+    row.update(computed(MatrixView(module_name(name), w0, w1, dd, visible, sigma, cfg)))
     row["seconds"] = time.perf_counter() - t0
     return row, extras
 
@@ -166,7 +165,7 @@ def aggregate(rows: Sequence[Mapping]) -> dict:
         "global_relative_norm": math.sqrt(energy / w0_energy) if w0_energy > 0 else None,
         "delta_energy": energy,
     }
-    out.update({key: _mean(rows, key) for key in MEAN_KEYS})
+    out.update({key: _mean(rows, key) for key in catalog.mean_keys()})
     return out
 
 
@@ -286,6 +285,31 @@ class TrajectoryResult:
         return asdict(self)
 
 
+def _trajectory_rows(src, tuned: list, name: str, labels: Sequence[str], k: int, hill_k: int, dev, method: str):
+    """One row per checkpoint of weight ``name``: the :data:`~.catalog.TRAJECTORY_METRICS` of ``ΔW_t`` (float64,
+    top-``k`` singular values / right vectors), ``sim_k`` against the last checkpoint's right subspace."""
+    w0 = src.get(name)
+    M.check_finite(w0, f"{src.location(name)}: tensor '{name}'")
+    w0 = w0.to(dev, torch.float64)
+    bases, rows = [], []
+    for i, t in enumerate(tuned):
+        wt = t.get(name)
+        M.check_finite(wt, f"{t.location(name)}: tensor '{name}'")
+        dd = wt.to(dev, torch.float64) - w0
+        fro = float(torch.linalg.vector_norm(dd))
+        r = svd_topk(dd, k, method=method) if fro > 0 else None
+        s = r.S if r is not None else dd.new_zeros(0)
+        row = {"name": module_name(name), "type": module_type(name), "layer": layer_index(name), "checkpoint": i,
+               "label": str(labels[i]), "fro_norm": fro}  # fmt: skip
+        row.update({m.key: m.compute(s, tuple(dd.shape), hill_k) for m in catalog.TRAJECTORY_METRICS if m.compute})
+        rows.append(row)
+        bases.append(r.V.cpu() if r is not None else None)
+    for row, basis in zip(rows, bases, strict=True):
+        ok = basis is not None and bases[-1] is not None
+        row["sim_k"] = M.sim_k(basis, bases[-1], k) if ok else math.nan
+    return rows
+
+
 def trajectory(
     source,
     checkpoints: Sequence,
@@ -331,27 +355,7 @@ def trajectory(
         for t in tuned[1:]:
             paired_weights(src, t, names)
         for name in tqdm(names, desc="trajectory", unit="matrix", disable=not progress, dynamic_ncols=True):
-            w0 = src.get(name)
-            M.check_finite(w0, f"{src.location(name)}: tensor '{name}'")
-            w0 = w0.to(dev, torch.float64)
-            bases, mrows = [], []
-            for i, t in enumerate(tuned):
-                wt = t.get(name)
-                M.check_finite(wt, f"{t.location(name)}: tensor '{name}'")
-                dd = wt.to(dev, torch.float64) - w0
-                fro = float(torch.linalg.vector_norm(dd))
-                r = svd_topk(dd, k, method=method) if fro > 0 else None
-                s = r.S if r is not None else dd.new_zeros(0)
-                mrows.append({
-                    "name": module_name(name), "type": module_type(name), "layer": layer_index(name),
-                    "checkpoint": i, "label": str(labels[i]), "fro_norm": fro, "stable_rank": M.stable_rank(s),
-                    "hill_alpha": M.hill_alpha(s[: M.numerical_rank(s, tuple(dd.shape))], hill_k), "top16_energy_share": M.top_energy_share(s, 16),
-                })  # fmt: skip
-                bases.append(r.V.cpu() if r is not None else None)
-            for row, basis in zip(mrows, bases, strict=True):
-                ok = basis is not None and bases[-1] is not None
-                row["sim_k"] = M.sim_k(basis, bases[-1], k) if ok else math.nan
-            rows.extend(mrows)
+            rows.extend(_trajectory_rows(src, tuned, name, labels, k, hill_k, dev, method))
     finally:
         src.close()
         for t in tuned:
@@ -359,9 +363,8 @@ def trajectory(
     steps = []
     for i, label in enumerate(labels):
         sub = [r for r in rows if r["checkpoint"] == i]
-        steps.append({"checkpoint": i, "label": str(label)} | {
-            key: _mean(sub, key) for key in ("stable_rank", "fro_norm", "hill_alpha", "sim_k", "top16_energy_share")
-        })  # fmt: skip
+        means = {m.key: _mean(sub, m.key) for m in catalog.TRAJECTORY_METRICS}
+        steps.append({"checkpoint": i, "label": str(label), **means})
     config = {"k": k, "hill_k": hill_k, "device": str(dev), "method": method, "modules": modules}
     return TrajectoryResult(
         source=src.label, checkpoints=[t.label for t in tuned], config=config, steps=steps, matrices=rows,

@@ -217,42 +217,6 @@ def low_magnitude_mask(w0: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
     return top_fraction_mask(w0.float().abs(), alpha, largest=False)
 
 
-def mask_overlap(reference: torch.Tensor, update: torch.Tensor) -> float:
-    """``Overlap(M_ref, M_upd) = |M_ref ∩ M_upd| / |M_upd|`` (``nan`` when the update mask is empty).
-
-    The random baseline is the density of ``reference`` (α for the principal and low-magnitude masks).
-    """
-    if reference.shape != update.shape:
-        raise ValueError(f"mask_overlap: shapes differ ({tuple(reference.shape)} vs {tuple(update.shape)})")
-    n_upd = int(update.sum())
-    return int((reference & update).sum()) / n_upd if n_upd else math.nan
-
-
-def mask_vs_mask(a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
-    """Compare two bool masks of one weight (e.g. OPD vs RLVR visible updates).
-
-    Returns:
-        ``{"intersection", "overlap" (|A∩B|/|A|), "jaccard", "random_overlap", "random_jaccard", "density_a",
-        "density_b"}``; the random values are the expectations for independent uniform masks of the same densities
-        (E|A∩B| = |A|·|B| / n). For whole models use :meth:`sparse_opd_peft.SparseMask.overlap`.
-    """
-    if a.shape != b.shape:
-        raise ValueError(f"mask_vs_mask: shapes differ ({tuple(a.shape)} vs {tuple(b.shape)})")
-    n = a.numel()
-    na, nb, inter = int(a.sum()), int(b.sum()), int((a & b).sum())
-    exp_inter = na * nb / n if n else 0.0
-    union, exp_union = na + nb - inter, na + nb - exp_inter
-    return {
-        "intersection": inter,
-        "overlap": inter / na if na else math.nan,
-        "jaccard": inter / union if union else math.nan,
-        "random_overlap": exp_inter / na if na else math.nan,
-        "random_jaccard": exp_inter / exp_union if exp_union else math.nan,
-        "density_a": na / n if n else math.nan,
-        "density_b": nb / n if n else math.nan,
-    }
-
-
 # ------------------------------------------------------------------------------------------------ update spectrum
 def stable_rank(s: torch.Tensor) -> float:
     """Stable rank ``‖ΔW‖_F² / ‖ΔW‖₂²`` (eq. 31) from descending singular values (0 for ΔW = 0)."""

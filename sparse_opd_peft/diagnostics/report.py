@@ -18,6 +18,8 @@ from pathlib import Path
 
 from ..atomic import write_bytes_atomic
 from ..module_types import MODULE_TYPES
+from . import catalog
+from .catalog import metrics
 
 PAIR_FILES = ("report.json", "report.md", "sparsity_by_layer.png", "principal_angles.png", "mask_overlap.png",
               "energy_by_type.png")  # fmt: skip
@@ -60,21 +62,27 @@ def _fmt(x, pct: bool = False, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def _cells(values: dict, place: str) -> list[str]:
+    """The formatted values of the catalog's metrics shown at ``place`` (``"–"`` where one is missing)."""
+    return [_fmt(values.get(m.key), m.pct) for m in metrics(place)]
+
+
+def _labels(place: str) -> list[str]:
+    return [m.label for m in metrics(place)]
+
+
 def table1_line(result: dict) -> str:
     """One markdown table row (Table-1 style) for a pair result dict (``DiagnosticsResult.to_dict()``)."""
-    s = result["summary"]
-    cells = [Path(str(result["source"])).name or result["source"], Path(str(result["tuned"])).name or result["tuned"],
-             _fmt(s["bf16_sparsity"], True), _fmt(s["abs_sparsity"], True), _fmt(s["relative_norm"]), _fmt(s["nss"]),
-             _fmt(s["principal_angle_deg"]), _fmt(s["principal_overlap"], True),
-             _fmt(s["low_magnitude_overlap"], True), _fmt(s["stable_rank"]), _fmt(s["top16_energy_share"], True),
-             _fmt(s["ffn_energy_share"], True)]  # fmt: skip
-    return "| " + " | ".join(cells) + " |"
+    names = [Path(str(result[k])).name or result[k] for k in ("source", "tuned")]
+    return "| " + " | ".join(names + _cells(result["summary"], "table1")) + " |"
 
 
-TABLE1_HEADER = (
-    "| Base | Tuned | sparsity_bf16 | sparsity abs | rel. norm | NSS | angle (°) | principal overlap | "
-    "low-mag overlap | stable rank | top-16 energy | FFN energy |\n|" + "---|" * 12
-)
+def table1_header() -> str:
+    """The header (and rule) of the Table-1 markdown table that :func:`table1_line` rows fill."""
+    return "| " + " | ".join(["Base", "Tuned", *_labels("table1")]) + " |\n|" + "---|" * (2 + len(metrics("table1")))
+
+
+TABLE1_HEADER = table1_header()
 
 
 def markdown_summary(result: dict) -> str:
@@ -82,23 +90,22 @@ def markdown_summary(result: dict) -> str:
     s, cfg = result["summary"], result["config"]
     lines = ["# Parameter-space diagnostics", "", f"Source `{result['source']}` → tuned `{result['tuned']}`: "
              f"{s['n_matrices']} matrices, {s['n_params']:,} parameters, {result['seconds']:.1f} s.", "",
-             TABLE1_HEADER, table1_line(result), "",
+             table1_header(), table1_line(result), "",
              f"Random baseline of both overlaps: α = {cfg['alpha']}. Angles: top-k singular subspaces, k = {cfg['top_k']} "
              "capped by min(out, in) (left and right, mean over the angle vector, then over matrices).", "", "## By module type", "",
-             "| type | matrices | params | sparsity_bf16 | sparsity abs | rel. norm | NSS | angle (°) | "
-             "principal overlap | low-mag overlap | stable rank | energy share |", "|" + "---|" * 12]  # fmt: skip
+             "| " + " | ".join(["type", "matrices", "params", *_labels("by_type")]) + " |",
+             "|" + "---|" * (3 + len(metrics("by_type")))]  # fmt: skip
     for t, r in result["by_type"].items():
-        lines.append(f"| {t} | {r['n_matrices']} | {r['n_params']:,} | {_fmt(r['bf16_sparsity'], True)} | "
-                     f"{_fmt(r['abs_sparsity'], True)} | {_fmt(r['relative_norm'])} | {_fmt(r['nss'])} | "
-                     f"{_fmt(r['principal_angle_deg'])} | {_fmt(r['principal_overlap'], True)} | "
-                     f"{_fmt(r['low_magnitude_overlap'], True)} | {_fmt(r['stable_rank'])} | "
-                     f"{_fmt(r['energy_share'], True)} |")  # fmt: skip
-    lines += ["", "## By layer", "", "| layer | sparsity_bf16 | " + " | ".join(f"{t} sparsity" for t in MODULE_TYPES)
-              + " | NSS | angle (°) | stable rank |", "|" + "---|" * (5 + len(MODULE_TYPES))]  # fmt: skip
+        lines.append("| " + " | ".join([t, str(r["n_matrices"]), f"{r['n_params']:,}", *_cells(r, "by_type")]) + " |")
+    # the by-layer table follows sparsity_bf16 with its split by module type
+    split = [f"{t} sparsity" for t in MODULE_TYPES]
+    header = [c for m in metrics("by_layer") for c in [m.label, *(split if m.key == "bf16_sparsity" else [])]]
+    lines += ["", "## By layer", "", "| " + " | ".join(["layer", *header]) + " |", "|" + "---|" * (1 + len(header))]
     for layer, r in result["by_layer"].items():
-        per_type = " | ".join(_fmt(r["bf16_sparsity_by_type"].get(t), True) for t in MODULE_TYPES)
-        lines.append(f"| {layer} | {_fmt(r['bf16_sparsity'], True)} | {per_type} | {_fmt(r['nss'])} | "
-                     f"{_fmt(r['principal_angle_deg'])} | {_fmt(r['stable_rank'])} |")  # fmt: skip
+        per_type = [_fmt(r["bf16_sparsity_by_type"].get(t), True) for t in MODULE_TYPES]
+        cells = [c for m, v in zip(metrics("by_layer"), _cells(r, "by_layer"), strict=True)
+                 for c in [v, *(per_type if m.key == "bf16_sparsity" else [])]]  # fmt: skip
+        lines.append("| " + " | ".join([layer, *cells]) + " |")
     lines += ["", "## Definitions", "",
               f"- sparsity_bf16: share of entries with |bf16(W₊) − bf16(W0)| ≤ η·max(|·|,|·|), η = {cfg['eta']}, "
               "parameter-weighted; sparsity abs: share with |ΔW| < " f"{cfg['abs_threshold']} (float32 ΔW).",
@@ -231,13 +238,12 @@ def trajectory_markdown(result: dict) -> str:
     """Markdown table of a trajectory result dict: one row per checkpoint."""
     lines = ["# Update trajectory", "", f"Source `{result['source']}`, {len(result['checkpoints'])} checkpoints, "
              f"Sim_K with K = {result['config']['k']}, Hill on the top-{result['config']['hill_k']} singular values.",
-             "", "| # | checkpoint | ‖ΔW_t‖_F (mean) | stable rank | Hill α̂ | Sim_K(t, end) | top-16 energy |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+             "", "| " + " | ".join(["#", "checkpoint", *(m.label for m in catalog.TRAJECTORY_METRICS)]) + " |",
+             "|" + "---|" * (2 + len(catalog.TRAJECTORY_METRICS))]  # fmt: skip
     for s in result["steps"]:
-        lines.append(
-            f"| {s['checkpoint']} | {s['label']} | {_fmt(s['fro_norm'])} | {_fmt(s['stable_rank'])} | "
-            f"{_fmt(s['hill_alpha'])} | {_fmt(s['sim_k'])} | {_fmt(s['top16_energy_share'], True)} |"
-        )
+        values = [_fmt(s.get(m.key), m.pct) for m in catalog.TRAJECTORY_METRICS]
+        cells = [str(s["checkpoint"]), str(s["label"]), *values]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines + [""])
 
 

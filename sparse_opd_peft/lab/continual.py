@@ -14,7 +14,7 @@ active, earlier ones frozen; the effective weight is ``W0 + Σ ΔW_stage``) or m
 adapter's base is the previous stages' merged model).
 
 The metrics and masks these experiments measure with (churn, mask overlap, the budgeted top-k mask) are library
-code: :mod:`sparse_opd_peft.continual`.
+code: :mod:`sparse_opd_peft.masks.churn` and :func:`sparse_opd_peft.masks.mask_overlap`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from ..continual import MaskLike, _is_peft, adapter_names, budgeted_topk_mask, dir_bytes, merged_copy
-from ..masks import SparseMask
+from ..masks import MaskLike, SparseMask, budgeted_topk_mask, merged_copy
+from ..masks.churn import is_peft
 
 __all__ = ["METHODS", "MODES", "StageOutput", "probe_mask", "run_stage"]
 
@@ -100,8 +100,7 @@ def run_stage(
     """
     from peft import get_peft_model
 
-    from ..tuner import SparseOPDConfig, save_adapter
-    from ..tuner.files import adapter_file_bytes, safetensors_nbytes
+    from ..tuner import SparseOPDConfig
     from .toy.runs import opd_run
 
     if method not in METHODS:
@@ -109,7 +108,7 @@ def run_stage(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if method == "full":
-        model = current.merge_and_unload() if _is_peft(current) else current
+        model = current.merge_and_unload() if is_peft(current) else current
         model.requires_grad_(True)
     else:
         if method == "sparse":
@@ -120,7 +119,7 @@ def run_stage(
             if not lora_rank or not target_modules:
                 raise ValueError("method='lora' needs lora_rank= and target_modules=")
             config = _lora_config(lora_rank, target_modules, lora_alpha)
-        if _is_peft(current) and mode == "separate":
+        if is_peft(current) and mode == "separate":
             earlier = adapter_names(current)
             if adapter_name in earlier:
                 raise ValueError(f"adapter {adapter_name!r} already exists in the model ({earlier})")
@@ -130,26 +129,34 @@ def run_stage(
                 p.requires_grad_(f".{adapter_name}." in f"{name}." and _is_adapter_param(name))
             model = current
         else:
-            base = current.merge_and_unload() if _is_peft(current) else current
+            base = current.merge_and_unload() if is_peft(current) else current
             model = get_peft_model(base, config, adapter_name=adapter_name)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trained, history, seconds = opd_run(model, world, cfg)
     trained.eval()
+    stage_bytes = _save_stage(trained, method, adapter_name, save_dir)
+    carry = trained
+    if method != "full" and mode == "merged":
+        carry = copy.deepcopy(trained).merge_and_unload().eval()
+    return StageOutput(carry, trained, trainable, stage_bytes, seconds, history)
+
+
+def _save_stage(trained: nn.Module, method: str, adapter_name: str, save_dir: Optional[Union[str, Path]]) -> int:
+    """Bytes of the stage's artifact (the full model, or the new adapter only): the ``*.safetensors`` written to
+    ``save_dir``, or computed without writing when it is None."""
+    from ..tuner import save_adapter
+    from ..tuner.files import adapter_file_bytes, safetensors_nbytes
+
     if save_dir is not None:
         save_dir = Path(save_dir)
         if method == "full":
             trained.save_pretrained(save_dir)
         else:
             save_adapter(trained, save_dir, selected_adapters=[adapter_name])
-        stage_bytes = dir_bytes(save_dir)
-    elif method == "full":
-        stage_bytes = safetensors_nbytes(trained.state_dict(), {"format": "pt"})
-    else:
-        stage_bytes = adapter_file_bytes(trained, adapter_name)
-    carry = trained
-    if method != "full" and mode == "merged":
-        carry = copy.deepcopy(trained).merge_and_unload().eval()
-    return StageOutput(carry, trained, trainable, stage_bytes, seconds, history)
+        return dir_bytes(save_dir)
+    if method == "full":
+        return safetensors_nbytes(trained.state_dict(), {"format": "pt"})
+    return adapter_file_bytes(trained, adapter_name)
 
 
 def _is_adapter_param(name: str) -> bool:
@@ -176,10 +183,34 @@ def probe_mask(
     probe, _, seconds = opd_run(merged_copy(start), world, cfg)
     mask = budgeted_topk_mask(start, probe, density, previous, reuse_share)
     info = {
-        "probe_steps": int(cfg.steps),
+        "probe_steps": int(cfg.opd.steps),
         "probe_seconds": seconds,
         "nnz": mask.nnz(),
         "density": mask.density(),
         "reused": mask.metadata.get("reused"),
     }
     return mask, info
+
+
+def lora_rank_for(model: nn.Module, target_modules: Sequence[str], n_params: int) -> int:
+    """LoRA rank whose trainable-parameter count ``r · Σ(in + out)`` over ``target_modules`` is closest to
+    ``n_params`` (at least 1)."""
+    modules = dict(model.named_modules())
+    per_rank = 0
+    for name in target_modules:
+        m = modules[name]
+        base = m.get_base_layer() if hasattr(m, "get_base_layer") else m
+        per_rank += base.in_features + base.out_features
+    if per_rank == 0:
+        raise ValueError("no target module")
+    return max(1, int(round(n_params / per_rank)))
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of the peft adapters ``model`` holds (``[]`` for a plain model)."""
+    return list(model.peft_config) if is_peft(model) else []
+
+
+def dir_bytes(directory: Union[str, Path], pattern: str = "*.safetensors") -> int:
+    """Total size in bytes of the files matching ``pattern`` under ``directory`` (recursive)."""
+    return sum(p.stat().st_size for p in Path(directory).rglob(pattern) if p.is_file())

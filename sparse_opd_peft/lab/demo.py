@@ -50,18 +50,29 @@ class DemoConfig:
 
 
 def _run_config(cfg: DemoConfig, lr: float, name: str):
-    from .toy import ToyRunConfig
+    from .toy.runs import ToyRunConfig, toy_opd_config
 
-    return ToyRunConfig(
-        task=cfg.task, loss=cfg.loss, lr=lr, steps=cfg.steps, batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps,
-        seed=cfg.seed, save_every=max(cfg.steps // 5, 1), progress=cfg.progress, run_name=name,
-    )  # fmt: skip
+    opd = toy_opd_config(loss=cfg.loss, lr=lr, steps=cfg.steps, batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps,
+                         seed=cfg.seed, progress_bar=cfg.progress, run_name=name)  # fmt: skip
+    return ToyRunConfig(task=cfg.task, opd=opd, save_every=max(cfg.steps // 5, 1))
 
 
 def _opd(student, world, cfg: DemoConfig, lr: float, name: str, tag: str, out: Path):
     from .toy import opd_run
 
     return opd_run(student, world, _run_config(cfg, lr, name), checkpoint_dir=out / "checkpoints" / tag)
+
+
+def _recipe(world, run) -> dict:
+    """The masked retrain's recipe for the model card: the task, the main knobs and every other ``OPDConfig``
+    field that differs from its default (bookkeeping fields left out)."""
+    from ..opd.config import RESUME_FREE_FIELDS, OPDConfig
+    from .toy.runs import opd_config
+
+    used, default = opd_config(world, run).to_dict(), OPDConfig().to_dict()
+    main = ("loss", "steps", "optimizer", "lr", "seed")
+    changed = {k: v for k, v in used.items() if v != default[k] and k not in RESUME_FREE_FIELDS}
+    return {"task": run.task, **{k: used[k] for k in main}, **changed}
 
 
 def _accuracy(model, world, cfg: DemoConfig) -> float:
@@ -157,21 +168,10 @@ def _trajectory(world, cfg: DemoConfig, out: Path):
     return res
 
 
-def run_demo(cfg: DemoConfig) -> dict:
-    """Run the whole story and write everything to ``cfg.out``; returns the summary dict (also ``demo.json``).
-
-    Prints a header per stage, names each progress bar by its run, and ends ``demo.md`` (and the console, through
-    the CLI) with one verdict line per claim (:func:`verdicts`).
-    """
-    from ..diagnostics import diagnose, write_report
-    from ..model_card import record_training
+def _load_world(cfg: DemoConfig):
+    """Stage 1: the shipped world (or ``cfg.world``, or the tiny test world)."""
     from .toy import ToyRecipe, build_world, load_world
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    # The toy models are tiny: one thread is fastest, and steady when other work shares the cores.
-    torch.set_num_threads(cfg.threads)
     if cfg.tiny:
         _stage(1, "world: building the tiny test world (mechanics only)")
         world = build_world(cfg.cache_dir, ToyRecipe.tiny(), progress=cfg.progress)
@@ -183,15 +183,11 @@ def run_demo(cfg: DemoConfig) -> dict:
         world = build_world()
     if cfg.task not in world.tasks:
         raise ValueError(f"task {cfg.task!r} is not in the toy world (has {sorted(world.tasks)})")
-    n_eval = min(cfg.eval_samples, len(world.datasets[cfg.task]["heldout"]))
-    rows = [
-        {"run": "student (anchor)", "accuracy": _accuracy(world.student, world, cfg), "trainable": 0},
-        {"run": "teacher", "accuracy": _accuracy(world.teacher, world, cfg), "trainable": 0},
-    ]
-    print(f"world {world.key} ({'shipped' if world.shipped else world.path}); task `{cfg.task}`, {n_eval} held-out "
-          f"prompts: anchor {100 * rows[0]['accuracy']:.1f} %, teacher {100 * rows[1]['accuracy']:.1f} %")  # fmt: skip
-    histories = {}
+    return world
 
+
+def _full_opd(world, cfg: DemoConfig, out: Path, rows: list[dict], histories: dict) -> None:
+    """Stage 2: full OPD of every parameter, saved to ``out/full_opd``; appends its row and history."""
     _stage(2, f"full OPD of every parameter ({cfg.loss}, {cfg.steps} steps x {cfg.batch_size} prompts, lr {cfg.lr:g})")
     full, histories["full OPD"], secs = _opd(world.load_student(), world, cfg, cfg.lr, "full OPD", "full", out)
     full.save_pretrained(out / "full_opd")
@@ -199,6 +195,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     n_full = sum(p.numel() for p in full.parameters())
     rows.append({"run": "full OPD", "accuracy": _accuracy(full, world, cfg), "trainable": n_full, "seconds": secs})
     print(f"full OPD: {100 * rows[-1]['accuracy']:.1f} % in {secs:.0f} s")
+
+
+def _diagnostics(world, cfg: DemoConfig, out: Path):
+    """Stage 3: diagnostics of W0 -> W+ (``out/diagnostics``) and of the full run's trajectory."""
+    from ..diagnostics import diagnose, write_report
 
     _stage(3, "diagnostics of W0 -> W+ (the papers' metrics, toy-sized: top-16 angles, rank-8 principal mask)")
     result = diagnose(world.student_path, out / "full_opd", top_k=16, principal_rank=8, device="cpu",
@@ -208,15 +209,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     summ = result.summary
     print(f"bf16-visible update density {100 * (1 - summ['bf16_sparsity']):.1f} %, FFN energy share "
           f"{100 * summ['ffn_energy_share']:.1f} %: diagnostics/report.md")  # fmt: skip
+    return result
 
+
+def _masked_retrains(world, cfg: DemoConfig, out: Path, rows: list[dict], histories: dict):
+    """Stages 4-6: the top-k |ΔW| mask, its retrain from W0 and the random-mask control; returns ``(mask, its
+    trained adapter model)``."""
     _stage(4, f"mask: top-{cfg.density:.0%} |ΔW| of the full-OPD update over the block Linears")
     mask = SparseMask.from_checkpoints(world.student_path, out / "full_opd", rule="topk", density=cfg.density)
     mask.save(out / "mask.safetensors")
     print(f"{mask.nnz():,} coordinates ({100 * mask.density():.1f} %), FFN share "
           f"{100 * mask.type_stats()['ffn']['share_of_nnz']:.0f} %: mask.safetensors")  # fmt: skip
-    mask_name = f"top-{cfg.density:.0%} abs-delta mask"
     controls = [
-        (5, f"masked retrain: SparseOPDConfig(mask=...) from W0, only the mask's {mask.nnz():,} coordinates", mask_name, mask, "mask"),
+        (5, f"masked retrain: SparseOPDConfig(mask=...) from W0, only the mask's {mask.nnz():,} coordinates", _mask_name(cfg), mask, "mask"),
         (6, "random control: a random mask with the same per-module counts", "random mask", SparseMask.random_like(mask, seed=cfg.seed), "random"),
     ]  # fmt: skip
     adapter_model = None
@@ -228,13 +233,22 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"{name}: {100 * rows[-1]['accuracy']:.1f} % in {secs:.0f} s")
         if adapter_model is None:
             adapter_model = trained
+    return mask, adapter_model
+
+
+def _mask_name(cfg: DemoConfig) -> str:
+    return f"top-{cfg.density:.0%} abs-delta mask"
+
+
+def _merge(world, cfg: DemoConfig, out: Path, adapter_model, diagnostics) -> tuple[float, float, float]:
+    """Stage 7: record the recipe, save the adapter, merge it; ``(merged accuracy, max |logit diff| vs unmerged,
+    bf16-visible share of the adapter delta)``."""
+    from ..model_card import record_training
 
     _stage(7, "merge: save the adapter, merge_and_unload, compare with the unmerged adapter")
-    recipe = asdict(_run_config(cfg, cfg.adapter_lr, mask_name))
-    recipe.update(
-        teacher=str(world.path / "teacher"), optimizer="adamw", mask=f"top-{cfg.density:.0%} |dW| of full OPD"
-    )
-    record_training(adapter_model, recipe, diagnostics=result)
+    recipe = _recipe(world, _run_config(cfg, cfg.adapter_lr, _mask_name(cfg)))
+    recipe.update(teacher=str(world.path / "teacher"), mask=f"top-{cfg.density:.0%} |dW| of full OPD")
+    record_training(adapter_model, recipe, diagnostics=diagnostics)
     save_adapter(adapter_model, out / "adapter")
     visibility = adapter_model.bf16_visibility()["share"]
     before = _logits(adapter_model, world, cfg)
@@ -242,11 +256,74 @@ def run_demo(cfg: DemoConfig) -> dict:
     merge_diff = float((_logits(merged, world, cfg) - before).abs().max())
     merged_acc = _accuracy(merged, world, cfg)
     print(f"merged {100 * merged_acc:.1f} %, max |logit diff| vs unmerged {merge_diff:.1e}; adapter: adapter/")
+    return merged_acc, merge_diff, visibility
+
+
+def _markdown(summary: dict, cfg: DemoConfig, world, mask) -> str:
+    """``demo.md`` of a run's summary (``demo.json``)."""
+    world_line = f"toy world `{world.key}`" + (
+        " (shipped with the package)"
+        if world.shipped
+        else " (tiny test world: mechanics only, numbers mean nothing)"
+        if cfg.tiny
+        else f" at {world.path}"
+    )
+    merged_acc, visibility = summary["merged_adapter_accuracy"], summary["adapter_bf16_visible_share"]
+    lines = [
+        f"# Sparse OPD demo (task `{cfg.task}`, {cfg.steps} steps × {cfg.batch_size} prompts, "
+        f"{summary['eval_prompts']} held-out prompts, seed {cfg.seed})",
+        "",
+        f"On the {world_line}.",
+        "",
+        "| run | held-out accuracy | trainable params | train time (s) |",
+        "|---|---:|---:|---:|",
+    ]
+    for r in summary["results"]:
+        lines.append(f"| {r['run']} | {100 * r['accuracy']:.1f} % | {r['trainable']:,} | {r.get('seconds', 0):.0f} |")
+    lines += [
+        "",
+        f"Merged adapter (merge_and_unload): {100 * merged_acc:.1f} %. bf16-visible share of the adapter delta: "
+        f"{100 * visibility:.1f} %. Mask density {100 * mask.density():.1f} % "
+        f"(FFN share of coordinates {100 * mask.type_stats()['ffn']['share_of_nnz']:.1f} %).",
+        "",
+        "Diagnostics of W0 -> W+ (full OPD): see `diagnostics/report.md` and `diagnostics/trajectory/`.",
+        "",
+        "## Verdicts",
+        "",
+        *summary["verdicts"],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def run_demo(cfg: DemoConfig) -> dict:
+    """Run the whole story and write everything to ``cfg.out``; returns the summary dict (also ``demo.json``).
+
+    Prints a header per stage, names each progress bar by its run, and ends ``demo.md`` (and the console, through
+    the CLI) with one verdict line per claim (:func:`verdicts`).
+    """
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    # The toy models are tiny: one thread is fastest, and steady when other work shares the cores.
+    torch.set_num_threads(cfg.threads)
+    world = _load_world(cfg)
+    n_eval = min(cfg.eval_samples, len(world.datasets[cfg.task]["heldout"]))
+    rows = [
+        {"run": "student (anchor)", "accuracy": _accuracy(world.student, world, cfg), "trainable": 0},
+        {"run": "teacher", "accuracy": _accuracy(world.teacher, world, cfg), "trainable": 0},
+    ]
+    print(f"world {world.key} ({'shipped' if world.shipped else world.path}); task `{cfg.task}`, {n_eval} held-out "
+          f"prompts: anchor {100 * rows[0]['accuracy']:.1f} %, teacher {100 * rows[1]['accuracy']:.1f} %")  # fmt: skip
+    histories: dict[str, list[dict]] = {}
+    _full_opd(world, cfg, out, rows, histories)
+    result = _diagnostics(world, cfg, out)
+    mask, adapter_model = _masked_retrains(world, cfg, out, rows, histories)
+    merged_acc, merge_diff, visibility = _merge(world, cfg, out, adapter_model, result)
 
     _stage(8, "report: demo.md, demo.json, accuracy.png")
     _plot(rows, histories, out / "accuracy.png")
     acc = {r["run"]: r["accuracy"] for r in rows}
-    claims = verdicts(acc["student (anchor)"], acc["full OPD"], acc[mask_name], acc["random mask"], merged_acc,
+    claims = verdicts(acc["student (anchor)"], acc["full OPD"], acc[_mask_name(cfg)], acc["random mask"], merged_acc,
                       merge_diff)  # fmt: skip
     summary = {
         "config": asdict(cfg),
@@ -261,35 +338,5 @@ def run_demo(cfg: DemoConfig) -> dict:
         "verdicts": claims,
     }
     write_text_atomic(out / "demo.json", json.dumps(summary, indent=2, default=str))
-    world_line = f"toy world `{world.key}`" + (
-        " (shipped with the package)"
-        if world.shipped
-        else " (tiny test world: mechanics only, numbers mean nothing)"
-        if cfg.tiny
-        else f" at {world.path}"
-    )
-    lines = [
-        f"# Sparse OPD demo (task `{cfg.task}`, {cfg.steps} steps × {cfg.batch_size} prompts, "
-        f"{n_eval} held-out prompts, seed {cfg.seed})",
-        "",
-        f"On the {world_line}.",
-        "",
-        "| run | held-out accuracy | trainable params | train time (s) |",
-        "|---|---:|---:|---:|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['run']} | {100 * r['accuracy']:.1f} % | {r['trainable']:,} | {r.get('seconds', 0):.0f} |")
-    lines += [
-        "",
-        f"Merged adapter (merge_and_unload): {100 * merged_acc:.1f} %. bf16-visible share of the adapter delta: "
-        f"{100 * visibility:.1f} %. Mask density {100 * mask.density():.1f} % "
-        f"(FFN share of coordinates {100 * mask.type_stats()['ffn']['share_of_nnz']:.1f} %).",
-        "",
-        "Diagnostics of W0 -> W+ (full OPD): see `diagnostics/report.md` and `diagnostics/trajectory/`.",
-        "",
-        "## Verdicts",
-        "",
-        *claims,
-    ]
-    write_text_atomic(out / "demo.md", "\n".join(lines) + "\n")
+    write_text_atomic(out / "demo.md", _markdown(summary, cfg, world, mask))
     return summary

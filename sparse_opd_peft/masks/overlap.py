@@ -43,6 +43,18 @@ def _shape_of(mask: MaskLike) -> tuple[int, ...] | None:
     )
 
 
+def _sparse_counts(ma: SparseMask | None, mb: SparseMask | None) -> tuple[int, int, float, float]:
+    """``(|A|, |B|, |A∩B|, E|A∩B|)`` of two masks (None = empty)."""
+    inter = exp_inter = 0.0
+    for name in ma or ():
+        if mb is not None and name in mb:
+            if ma.shape(name) != mb.shape(name):
+                raise ValueError(f"module '{name}': shapes differ ({ma.shape(name)} vs {mb.shape(name)})")
+            inter += float(torch.isin(ma.indices(name), mb.indices(name)).sum())
+            exp_inter += ma.nnz(name) * mb.nnz(name) / ma.numel(name)
+    return (ma.nnz() if ma is not None else 0), (mb.nnz() if mb is not None else 0), inter, exp_inter
+
+
 def mask_overlap(a: MaskLike, b: MaskLike) -> dict[str, float]:
     """Overlap of masks A and B, counted over every coordinate of both (a module in one mask only adds nothing to
     the intersection), with the expectation for independent uniform random masks of the same per-module counts.
@@ -64,17 +76,18 @@ def mask_overlap(a: MaskLike, b: MaskLike) -> dict[str, float]:
         TypeError: an argument of another kind. ValueError: a module present in both with different shapes.
     """
     sa, sb = _shape_of(a), _shape_of(b)
-    if sa is not None and sb is not None and sa != sb:
-        raise ValueError(f"mask_overlap: shapes differ ({sa} vs {sb})")
-    ma, mb = as_mask(a, "mask_overlap argument a"), as_mask(b, "mask_overlap argument b")
-    inter = exp_inter = 0.0
-    for name in ma or ():
-        if mb is not None and name in mb:
-            if ma.shape(name) != mb.shape(name):
-                raise ValueError(f"module '{name}': shapes differ ({ma.shape(name)} vs {mb.shape(name)})")
-            inter += float(torch.isin(ma.indices(name), mb.indices(name)).sum())
-            exp_inter += ma.nnz(name) * mb.nnz(name) / ma.numel(name)
-    na, nb = (ma.nnz() if ma is not None else 0), (mb.nnz() if mb is not None else 0)
+    if sa is not None and sb is not None:  # one weight, dense: counted in place (no index lists)
+        if sa != sb:
+            raise ValueError(f"mask_overlap: shapes differ ({sa} vs {sb})")
+        for t in (a, b):
+            if t.dtype != torch.bool:
+                raise TypeError(f"mask_overlap: a single tensor must be bool, got {t.dtype}")
+        na, nb, inter = int(a.sum()), int(b.sum()), float((a & b).sum())
+        exp_inter = na * nb / a.numel() if a.numel() else 0.0
+    else:
+        na, nb, inter, exp_inter = _sparse_counts(
+            as_mask(a, "mask_overlap argument a"), as_mask(b, "mask_overlap argument b")
+        )
 
     def ratio(x: float, y: float) -> float:
         return x / y if y else math.nan

@@ -12,9 +12,9 @@ import re
 import shutil
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .sources import (
     check_out_dir,
@@ -29,16 +29,28 @@ from .sources import (
     write_json,
 )
 
+if TYPE_CHECKING:
+    from ..opd.config import OPDConfig
+
+
+def _opd_config_class() -> type:
+    from ..opd.config import OPDConfig  # imported when used: importing this module stays light
+
+    return OPDConfig
+
 
 @dataclass
 class TrainJob:
-    """Every input of a ``sparse-opd train`` run; fields are named after the command's flags (``--lora-rank`` ->
-    ``lora_rank``) and default to the command's defaults. Training knobs are those of
-    :class:`~sparse_opd_peft.opd.OPDConfig`; ``max_grad_norm=0`` turns clipping off."""
+    """Every input of a ``sparse-opd train`` run: the training knobs as one
+    :class:`~sparse_opd_peft.opd.OPDConfig` (``opd``), and the job's own settings (models, adapter, data, reward,
+    outputs), named after the command's flags (``--lora-rank`` -> ``lora_rank``) with the command's defaults.
+    :meth:`from_flags` builds one from the flags of both kinds. :func:`run_training` sets ``opd.checkpoint_dir`` to
+    ``out/checkpoints`` when ``opd.save_every`` asks for snapshots."""
 
     student: str
     prompts: str
     out: Path
+    opd: OPDConfig = field(default_factory=lambda: _opd_config_class()())
     teacher: Optional[str] = None
     mask: Optional[Path] = None
     subspace: Optional[Path] = None
@@ -54,34 +66,7 @@ class TrainJob:
     completion_column: Optional[str] = None
     eval_prompts: Optional[str] = None
     eval_split: Optional[str] = None
-    loss: str = "full_kl"
-    topk: int = 20
-    sampled_token_baseline: Optional[str] = None
-    sampled_token_clip: Optional[float] = None
-    sampled_token_prefix_gamma: float = 0.0
-    alpha: float = 0.5
     reward: str = "none"
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    lr_schedule: str = "linear"
-    warmup_steps: int = 0
-    optimizer: str = "adamw"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_new_tokens: int = 64
-    num_generations: int = 1
-    temperature: float = 1.0
-    off_policy: bool = False
-    discount: float = 0.0
-    token_keep: str = "all"
-    token_keep_ratio: float = 1.0
-    seed: int = 0
-    eval_every: int = 0
-    eval_samples: int = 256
-    save_every: int = 0
     resume: Optional[Path] = None
     save_dtype: str = "float32"
     dtype: str = "fp32"
@@ -90,6 +75,29 @@ class TrainJob:
     overwrite: bool = False
     quiet: bool = False
     verifiers: Optional[dict] = None  # named task verifiers for ``reward`` (the CLI passes the toy world's)
+
+    @classmethod
+    def from_flags(cls, **flags: Any) -> TrainJob:
+        """A job from the command's flags: those named after ``OPDConfig`` fields make ``opd`` (``max_grad_norm=0``
+        turns clipping off; ``quiet`` also hides the trainer's progress bar), the rest are the job's own. Invalid
+        values raise a ``ValueError`` phrased in terms of the flags (``--token-keep-ratio=...``)."""
+        opd_class = _opd_config_class()
+        knobs = {k: flags.pop(k) for k in list(flags) if k in {f.name for f in fields(opd_class)}}
+        if "max_grad_norm" in knobs:
+            knobs["max_grad_norm"] = knobs["max_grad_norm"] or None
+        knobs.setdefault("progress_bar", not flags.get("quiet", False))
+        if knobs.get("save_every"):
+            knobs["checkpoint_dir"] = str(Path(flags["out"]) / "checkpoints")
+        return cls(**flags, opd=_as_flags(lambda: opd_class(**knobs)))
+
+
+def _as_flags(make: Callable[[], Any]) -> Any:
+    """``make()``, with ``OPDConfig`` validation messages phrased in terms of the command's flags."""
+    try:
+        return make()
+    except ValueError as err:
+        msg = re.sub(r"OPDConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(err))
+        raise ValueError(msg.replace("OPDConfig: ", "")) from None
 
 
 @dataclass
@@ -133,27 +141,11 @@ def adapter_kind(mask: Optional[Path], subspace: Optional[Path], lora_rank: Opti
     return {"sparse": "sparse_opd", "--lora-rank": "lora", "--full": "full"}[kinds.pop()]
 
 
-def opd_config(job: TrainJob):
-    """The job's ``OPDConfig``, with its validation messages phrased in terms of the command's flags."""
-    from ..opd.config import OPDConfig
-
-    kwargs = dict(
-        loss=job.loss, topk=job.topk, sampled_token_baseline=job.sampled_token_baseline,
-        sampled_token_clip=job.sampled_token_clip, sampled_token_prefix_gamma=job.sampled_token_prefix_gamma,
-        alpha=job.alpha, steps=job.steps, batch_size=job.batch_size, grad_accum=job.grad_accum,
-        lr=job.lr, lr_schedule=job.lr_schedule, warmup_steps=job.warmup_steps, optimizer=job.optimizer,
-        momentum=job.momentum, weight_decay=job.weight_decay, max_grad_norm=job.max_grad_norm or None,
-        max_new_tokens=job.max_new_tokens, num_generations=job.num_generations, temperature=job.temperature,
-        off_policy=job.off_policy, seed=job.seed, discount=job.discount, token_keep=job.token_keep,
-        token_keep_ratio=job.token_keep_ratio, eval_every=job.eval_every, eval_samples=job.eval_samples,
-        save_every=job.save_every, checkpoint_dir=str(job.out / "checkpoints") if job.save_every else None,
-        progress_bar=not job.quiet,
-    )  # fmt: skip
-    try:
-        return OPDConfig(**kwargs)
-    except ValueError as err:
-        msg = re.sub(r"OPDConfig\.(\w+)", lambda m: "--" + m.group(1).replace("_", "-"), str(err))
-        raise ValueError(msg.replace("OPDConfig: ", "")) from None
+def opd_config(job: TrainJob) -> OPDConfig:
+    """The ``OPDConfig`` the job trains with: ``job.opd`` with ``checkpoint_dir`` = ``out/checkpoints`` when it
+    saves snapshots (``None`` otherwise); validation messages are phrased in terms of the command's flags."""
+    checkpoint_dir = str(job.out / "checkpoints") if job.opd.save_every else None
+    return _as_flags(lambda: replace(job.opd, checkpoint_dir=checkpoint_dir))
 
 
 def resolve_resume(path: Path) -> Path:
@@ -189,7 +181,7 @@ def build_student(student, kind: str, mask, basis, job: TrainJob):
 
     from ..tuner import SparseOPDConfig
 
-    torch.manual_seed(job.seed)  # LoRA's A initialisation
+    torch.manual_seed(job.opd.seed)  # LoRA's A initialisation
     if kind == "sparse_opd":
         return get_peft_model(student, SparseOPDConfig(mask=mask, subspace=basis, save_dtype=job.save_dtype))
     if kind == "lora":
@@ -232,10 +224,10 @@ def _check_flags(job: TrainJob) -> _Plan:
     kind = adapter_kind(job.mask, job.subspace, job.lora_rank, job.full)
     cfg = opd_config(job)
     if cfg.needs_teacher and not job.teacher:
-        raise ValueError(f"--loss {cfg.loss}{' --off-policy' if job.off_policy else ''} needs --teacher MODEL")
+        raise ValueError(f"--loss {cfg.loss}{' --off-policy' if cfg.off_policy else ''} needs --teacher MODEL")
     if cfg.needs_reward and job.reward == "none":
         raise ValueError(f"--loss {cfg.loss} needs a verifier reward: --reward exact (answer column) or toy:TASK")
-    if job.eval_every and (not job.eval_prompts or job.reward == "none"):
+    if cfg.eval_every and (not job.eval_prompts or job.reward == "none"):
         raise ValueError("--eval-every needs --eval-prompts DATA and a --reward to score them")
     resolve_source(job.student, "STUDENT")
     if job.teacher:
@@ -256,7 +248,7 @@ def _load_inputs(job: TrainJob, echo: Callable[[str], None]) -> dict:
 
         found["mask"] = SparseMask.load(job.mask)
     if job.subspace is not None:
-        from ..subspace import load_subspace
+        from ..masks.subspace import load_subspace
 
         found["basis"] = load_subspace(job.subspace)
     if job.quiet:

@@ -113,12 +113,11 @@ def json_roundtrip(obj: Any) -> Any:
 
 def base_run_config(config: StudyConfig) -> Any:
     """The :class:`~sparse_opd_peft.lab.toy.ToyRunConfig` every run of the study starts from (the matched budget)."""
-    from ..toy import ToyRunConfig
+    from ..toy.runs import ToyRunConfig, toy_opd_config
 
-    return ToyRunConfig(
-        task=config.task, lr=config.lr, steps=config.steps, batch_size=config.batch_size,
-        progress=config.progress, eval_samples=min(500, config.eval_samples),
-    )  # fmt: skip
+    opd = toy_opd_config(lr=config.lr, steps=config.steps, batch_size=config.batch_size,
+                         progress_bar=config.progress, eval_samples=min(500, config.eval_samples))  # fmt: skip
+    return ToyRunConfig(task=config.task, opd=opd)
 
 
 @dataclass
@@ -201,7 +200,7 @@ def render_header(info: RenderInfo) -> list[str]:
     ]
     runs = [info.runs[k] for k in sorted(info.runs)]
     trained = [r for r in runs if isinstance(r, dict) and "train_seconds" in r]
-    steps = sum(int((r.get("config") or {}).get("steps", config.steps)) for r in trained)
+    steps = sum(_run_steps(r.get("config") or {}, config.steps) for r in trained)
     recorded = sum(float(r.get("wall_seconds", 0.0)) for r in runs if isinstance(r, dict))
     header += [
         f"Cost: {len(trained)} training runs, {steps:,} optimizer steps; recorded wall-clock of all cached entries "
@@ -209,6 +208,12 @@ def render_header(info: RenderInfo) -> list[str]:
         "",
     ]
     return header
+
+
+def _run_steps(run_config: dict[str, Any], default: int) -> int:
+    """Optimizer steps of a cached run's ``config``: ``ToyRunConfig.to_dict()`` (``{"opd": {"steps"}}``) or the
+    flat dict that runs cached before ``ToyRunConfig`` held an ``OPDConfig`` recorded."""
+    return int(run_config.get("opd", run_config).get("steps", default))
 
 
 def render_study(summary: dict[str, Any]) -> str:
@@ -288,9 +293,11 @@ class StudyContext:
             changes: :class:`~sparse_opd_peft.lab.toy.ToyRunConfig` fields (``seed``, ``loss``, ``lr``, ...).
 
         Returns:
-            ``{"acc", "train_seconds", "history": [per-step metrics], "trainable", "config"}``.
+            ``{"acc", "train_seconds", "history": [per-step metrics], "trainable", "config"}`` (``config``: the
+            ``ToyRunConfig.to_dict()`` with the ``OPDConfig`` the trainer ran with).
         """
         from ..toy import opd_run
+        from ..toy.runs import opd_config
 
         def run() -> dict[str, Any]:
             cfg = self.base.with_(save_every=save_every, **changes)
@@ -304,7 +311,8 @@ class StudyContext:
                 plain.save_pretrained(self.artifact_dir(name) / "final")
             keep = ("step", "loss", "kl", "kl_exact", "reward", "accuracy", "eval_accuracy", "lr", "tokens_per_s")
             hist = [{k: h[k] for k in keep if k in h} for h in history]
-            return {"acc": acc, "train_seconds": secs, "history": hist, "trainable": trainable, "config": asdict(cfg)}
+            used = {**cfg.to_dict(), "opd": opd_config(self.world, cfg, ckpt).to_dict()}
+            return {"acc": acc, "train_seconds": secs, "history": hist, "trainable": trainable, "config": used}
 
         return self.cached(name, run)
 
@@ -367,23 +375,6 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     return summary
 
 
-# Rough relative cost of each section's own runs (measured on the toy world), to balance the worker groups.
-_SECTION_COST = {"recovery": 47, "subspace": 6, "geometry": 14, "controls": 12, "predictors": 15, "savings": 4}
-
-
-def worker_groups(sections: Sequence[str], workers: int) -> list[list[str]]:
-    """Split ``sections`` into at most ``workers`` non-empty groups of similar measured cost (greedy, costliest
-    first), e.g. ``(recovery, subspace, geometry, controls, predictors, savings)`` over 2 workers gives
-    ``[[recovery, savings], [predictors, geometry, controls, subspace]]``."""
-    groups: list[list[str]] = [[] for _ in range(max(1, min(workers, len(sections))))]
-    load = [0] * len(groups)
-    for name in sorted(sections, key=lambda n: -_SECTION_COST.get(n, 10)):
-        i = load.index(min(load))
-        groups[i].append(name)
-        load[i] += _SECTION_COST.get(name, 10)
-    return [g for g in groups if g]
-
-
 def _sections_in_worker(config_dict: dict[str, Any], names: list[str]) -> None:
     """Worker process: run ``names`` so that their runs land in the shared run store (results are re-read later)."""
     import importlib
@@ -396,13 +387,8 @@ def _sections_in_worker(config_dict: dict[str, Any], names: list[str]) -> None:
 
 
 def _train_in_workers(config: StudyConfig) -> None:
-    """Split the sections into ``config.workers`` groups of similar cost and train each group in its own process
-    (spawned, so no torch / OpenMP state is shared). Finished runs are cached, so the caller's pass that follows
-    only reads them."""
-    from concurrent.futures import ProcessPoolExecutor
-    from multiprocessing import get_context
+    """Train the sections' runs in ``config.workers`` processes (:func:`~.workers.run_groups` of
+    :func:`~.workers.worker_groups`); finished runs are cached, so the caller's pass that follows only reads them."""
+    from .workers import run_groups, worker_groups
 
-    groups = worker_groups(config.sections, config.workers)
-    with ProcessPoolExecutor(len(groups), mp_context=get_context("spawn")) as pool:
-        for future in [pool.submit(_sections_in_worker, asdict(config), g) for g in groups if g]:
-            future.result()
+    run_groups(_sections_in_worker, asdict(config), worker_groups(config.sections, config.workers))

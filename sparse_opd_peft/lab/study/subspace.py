@@ -93,7 +93,7 @@ def continue_changes(ctx: StudyContext, method: str, seed: int) -> dict[str, Any
     """ToyRunConfig changes of the resumed 80 %: the schedule's lr at the prefix step, decaying to 0."""
     from ...opd import OPDConfig
 
-    k, b = prefix_steps(ctx), ctx.base
+    k, b = prefix_steps(ctx), ctx.base.opd
     lr_k = OPDConfig(lr=b.lr, warmup_steps=b.warmup_steps, steps=b.steps, progress_bar=False).lr_at(k)
     steps = b.steps - k
     return dict(seed=seed, lr=lr_k, steps=steps, warmup_steps=min(b.warmup_steps, steps // 10),
@@ -277,7 +277,7 @@ def render(info: RenderInfo, data: dict[str, Any], plots: list[str]) -> str:
         f"Resume at step {k} of {config.steps} ({pct(PREFIX)} %) from the method's own 20 % model (the paper's "
         "protocol); the subspace V is the top-r right singular vectors of ΔW at that step; fresh AdamW for the "
         f"remaining {config.steps - k} steps in every arm (see module docstring). OPD = loss "
-        f"`{info.base.loss}`, SFT = `sft` on the dataset's completions, both from the same anchor at lr "
+        f"`{info.base.opd.loss}`, SFT = `sft` on the dataset's completions, both from the same anchor at lr "
         f"{config.lr:g}. Primary rows at {n} seed(s), secondary rows at {SECONDARY_SEEDS} (the seeds column). "
         f"The OPD prefix replays the shared full run: max |ΔW| vs its step-{k} snapshot "
         f"{res['opd']['snapshot_diff']}.",
