@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from sparse_opd_peft import SparseOPDConfig
-from sparse_opd_peft.tuner.positions import (
+from sparse_opd_peft.positions import (
     CODEC_ELIAS_FANO,
     CODEC_VARINT,
     decode_positions,

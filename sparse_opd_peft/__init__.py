@@ -16,7 +16,7 @@ _API = {
     "SparseOPDConfig": "tuner",
     "SparseOPDModel": "tuner",
     "bf16_visibility": "tuner",
-    "save_adapter": "tuner",
+    "save_adapter": "model_card",
     "SparseMask": "masks",
     "layer_index": "module_types",
     "module_type": "module_types",

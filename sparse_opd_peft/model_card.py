@@ -33,7 +33,7 @@ from .card_render import (
     set_card_repo,
 )
 from .diagnostics.catalog import card_keys
-from .tuner.files import adapter_file_bytes
+from .tuner.storage import adapter_file_bytes
 
 __all__ = [  # the card's text is rendered in .card_render; its public names are importable from here too
     "CARD_BEGIN", "CARD_END", "USAGE_BEGIN", "USAGE_END", "PLACEHOLDER_REPO", "RECIPE_KEYS", "apply_card_data",

@@ -48,7 +48,9 @@ def layer_index(name: str) -> int | None:
 
 
 def stats_by_type(
-    rows: Mapping[str, Mapping[str, int]], keys: tuple[str, ...] = ("nnz", "numel"), overrides: Mapping[str, str] | None = None
+    rows: Mapping[str, Mapping[str, int]],
+    keys: tuple[str, ...] = ("nnz", "numel"),
+    overrides: Mapping[str, str] | None = None,
 ) -> dict[str, dict]:
     """Per module type, the one place coordinate counts are aggregated by type.
 

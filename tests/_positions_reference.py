@@ -1,4 +1,4 @@
-"""A plain-Python reference writer of the coded position streams (format version 2, ``tuner/positions.py``'s
+"""A plain-Python reference writer of the coded position streams (format version 2, ``sparse_opd_peft/positions.py``'s
 docstring), written from the format's description only. It also writes what the library's encoder never would
 (unsorted, duplicate or out-of-range positions, a lying count), so tests can craft hostile streams."""
 

@@ -86,7 +86,7 @@ def _load_fails(tmp_path, match):
 def _rewrite(path, fn):
     """Edit one module's positions as int32 indices (a coded uint8 stream of format 2 is decoded first; int32 indices
     are a valid form in every format version)."""
-    from sparse_opd_peft.tuner.positions import decode_positions
+    from sparse_opd_peft.positions import decode_positions
 
     tensors = load_file(path)
     shapes = json.loads((path.parent / "adapter_config.json").read_text())["module_shapes"]

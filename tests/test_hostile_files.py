@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from sparse_opd_peft import SparseMask, SparseOPDConfig, save_adapter
 from sparse_opd_peft.cli import app
+from sparse_opd_peft.positions import CODEC_ELIAS_FANO, decode_positions
 from sparse_opd_peft.tuner.layer import SparseOPDLayer
-from sparse_opd_peft.tuner.positions import CODEC_ELIAS_FANO, decode_positions
 
 UP = "model.layers.0.mlp.up_proj"
 KEY = f"base_model.model.{UP}"

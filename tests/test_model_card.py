@@ -20,7 +20,7 @@ from sparse_opd_peft.model_card import (
     fingerprint_digest,
     write_model_card,
 )
-from sparse_opd_peft.tuner.files import safetensors_nbytes
+from sparse_opd_peft.tuner.storage import safetensors_nbytes
 
 MASK_META = {"source": "org/sft-anchor", "tuned": "org/opd-run", "rule": "topk", "density": 0.1}
 RECIPE = {

@@ -15,22 +15,19 @@ from safetensors.torch import load_file
 
 from sparse_opd_peft import SparseMask, SparseOPDConfig, save_adapter
 from sparse_opd_peft.masks import mask_overlap
-from sparse_opd_peft.tuner.positions import (
+from sparse_opd_peft.positions import (
     CODEC_ELIAS_FANO,
     CODEC_VARINT,
     coordinate_sizes,
     decode_positions,
     elias_fano_low_bits,
     encode_positions,
-)
-from sparse_opd_peft.tuner.storage import (
-    ADAPTER_FORMAT_VERSION,
     pack_bitmask,
     pack_coordinates,
     unpack_bitmask,
     unpack_coordinates,
-    weight_fingerprint,
 )
+from sparse_opd_peft.tuner.storage import ADAPTER_FORMAT_VERSION, weight_fingerprint
 
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "adapter_v1"
 

@@ -144,8 +144,8 @@ def run_stage(
 def _save_stage(trained: nn.Module, method: str, adapter_name: str, save_dir: Optional[Union[str, Path]]) -> int:
     """Bytes of the stage's artifact (the full model, or the new adapter only): the ``*.safetensors`` written to
     ``save_dir``, or computed without writing when it is None."""
-    from ..tuner import save_adapter
-    from ..tuner.files import adapter_file_bytes, safetensors_nbytes
+    from ..model_card import save_adapter
+    from ..tuner.storage import adapter_file_bytes, safetensors_nbytes
 
     if save_dir is not None:
         save_dir = Path(save_dir)

@@ -21,7 +21,8 @@ from peft import get_peft_model
 
 from ..atomic import normalize_modes, write_text_atomic
 from ..masks import SparseMask
-from ..tuner import SparseOPDConfig, save_adapter
+from ..model_card import save_adapter
+from ..tuner import SparseOPDConfig
 
 
 @dataclass

@@ -18,15 +18,11 @@ from pathlib import Path
 import torch
 
 from ..module_types import module_type, stats_by_type
-from ..tuner.storage import (
-    atomic_save_safetensors,
-    load_safetensors_checked,
-    pack_coordinates,
-    unpack_coordinates,
-)
+from ..positions import pack_coordinates, unpack_coordinates, validate_flat_indices
+from ..safetensors_io import atomic_save_safetensors, load_safetensors_checked
 
 MASK_FORMAT = "sparse_opd_mask"
-MASK_FORMAT_VERSION = 2  # 2: sparse modules may be coded uint8 streams (tuner/positions.py)
+MASK_FORMAT_VERSION = 2  # 2: sparse modules may be coded uint8 streams (sparse_opd_peft/positions.py)
 
 
 def _check_bool_mask(name: str, value) -> torch.Tensor:
@@ -89,8 +85,6 @@ class SparseMask(Mapping):
         cls, entries: Mapping[str, tuple[tuple[int, int], torch.Tensor]], metadata: Mapping | None = None
     ) -> SparseMask:
         """Build from ``{name: ((out, in), sorted flat int indices)}`` without materialising dense masks."""
-        from ..tuner.storage import validate_flat_indices
-
         mask = cls(None, metadata)
         for name, (shape, idx) in entries.items():
             if not isinstance(idx, torch.Tensor) or idx.layout != torch.strided or idx.device.type == "meta":

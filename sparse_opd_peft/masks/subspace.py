@@ -21,7 +21,7 @@ from ..diagnostics.engine import resolve_device
 from ..diagnostics.metrics import check_finite
 from ..diagnostics.sources import module_name, open_source, paired_weights
 from ..diagnostics.spectral import svd_topk
-from ..tuner.storage import atomic_save_safetensors, load_safetensors_checked
+from ..safetensors_io import atomic_save_safetensors, load_safetensors_checked
 
 SUBSPACE_FORMAT = "sparse_opd_subspace"
 SUBSPACE_FORMAT_VERSION = 1

@@ -43,7 +43,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..atomic import normalize_modes
-from ..tuner.storage import atomic_save_safetensors
+from ..safetensors_io import atomic_save_safetensors
 from . import _state_io as sio
 
 __all__ = [

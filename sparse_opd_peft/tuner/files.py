@@ -13,15 +13,8 @@ from typing import Optional
 import torch
 
 from ..atomic import normalize_modes, staged_directory
-from .storage import (  # noqa: F401  (adapter_file_bytes / safetensors_nbytes re-exported: their former home)
-    ADAPTER_FORMAT_VERSION,
-    VALUE_DTYPES,
-    adapter_file_bytes,
-    decode_adapter_state,
-    load_safetensors_checked,
-    parse_adapter_key,
-    safetensors_nbytes,
-)
+from ..safetensors_io import load_safetensors_checked
+from .storage import ADAPTER_FORMAT_VERSION, VALUE_DTYPES, decode_adapter_state, parse_adapter_key
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 

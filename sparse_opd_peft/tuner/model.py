@@ -9,11 +9,11 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
+from ..positions import pack_coordinates
 from ..visibility import visibility_summary
 from .config import CONFIG_FORMAT_VERSION
 from .layer import Linear, SparseOPDLayer
 from .plan import build_plan, summarize_metadata
-from .storage import pack_coordinates
 
 _SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _KEYS = ("sparse_opd_values", "sparse_opd_indices", "sparse_opd_bitmask", "sparse_opd_coeff", "sparse_opd_basis")

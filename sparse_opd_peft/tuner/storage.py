@@ -1,11 +1,11 @@
 """On-disk adapter files: tensor names, the check and decoding of a saved adapter's tensors, base-weight fingerprints,
-and atomic / checked safetensors writes and reads.
+and byte counts (atomic / checked safetensors writes and reads: :mod:`sparse_opd_peft.safetensors_io`).
 
 Adapter file format (``adapter_model.safetensors``, :data:`ADAPTER_FORMAT_VERSION`): per module with coordinates
 ``sparse_opd_values`` (nnz,) in ``save_dtype`` and one coordinate tensor in the smallest form of
-:func:`.positions.pack_coordinates`: ``sparse_opd_bitmask`` (``uint8`` bitmask), or ``sparse_opd_indices``: sorted
+:func:`sparse_opd_peft.positions.pack_coordinates`: ``sparse_opd_bitmask`` (``uint8`` bitmask), or ``sparse_opd_indices``: sorted
 ``int32`` / ``int64`` flat indices, or (version 2) a ``uint8`` coded stream (Elias-Fano or delta-varint, see
-:mod:`.positions`); per module with a subspace ``sparse_opd_coeff`` (out, r) and ``sparse_opd_basis`` (in, r).
+:mod:`sparse_opd_peft.positions`); per module with a subspace ``sparse_opd_coeff`` (out, r) and ``sparse_opd_basis`` (in, r).
 Version-1 files (bitmask or int32 / int64 indices only) are valid version-2 files and load unchanged.
 """
 
@@ -13,25 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Collection, Mapping
-from pathlib import Path
 from typing import Optional
 
-import safetensors.torch
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from ..atomic import atomic_file
-from .positions import (  # noqa: F401  (re-exported: the coordinate codecs' long-standing home)
-    index_dtype,
-    pack_bitmask,
-    pack_coordinates,
-    unpack_bitmask,
-    unpack_coordinates,
-    validate_flat_indices,
-)
+from ..positions import index_dtype, unpack_coordinates
 
 ADAPTER_FORMAT_VERSION = 2
 FINGERPRINT_SAMPLES = 4096
@@ -78,33 +65,6 @@ def fingerprint_mismatch(expected: Mapping, actual: Mapping) -> str | None:
         if a is not None and b is not None and a != b:
             return f"{key} differs (weights differ; adapter dtype {expected.get('dtype')}, base {actual.get('dtype')})"
     return None
-
-
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata=None) -> None:
-    """Write ``tensors`` (any shapes / dtypes) to ``path`` as safetensors through a temp file in the same folder and
-    an atomic rename (:func:`sparse_opd_peft.atomic.atomic_file`: mode per the umask, nothing left on failure)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path) as tmp:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
-def load_safetensors_checked(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a safetensors file and its metadata, turning truncation / corruption into a clear ``ValueError``."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-        tensors = load_file(str(path))
-    except (SafetensorError, OSError, json.JSONDecodeError, RuntimeError) as err:
-        raise ValueError(
-            f"{path}: not a readable safetensors file ({err}); the file is truncated or corrupt, re-save or re-download it"
-        ) from None
-    return tensors, metadata
 
 
 # ---------------------------------------------------------------------------------------------- adapter files

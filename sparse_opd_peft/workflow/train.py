@@ -353,7 +353,7 @@ def _save_outputs(job: TrainJob, plan: _Plan, trainer, history: list[dict]) -> T
             trained.save_pretrained(tmp)
             trainer.tokenizer.save_pretrained(tmp)
     else:
-        from ..tuner import save_adapter
+        from ..model_card import save_adapter
 
         target = out / "adapter"
         recorded = _record_training(trained, recipe)

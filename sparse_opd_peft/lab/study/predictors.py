@@ -65,7 +65,7 @@ def early_probe(ctx: StudyContext, seed: int) -> dict[str, Any]:
     """
     from safetensors.torch import load_file
 
-    from ...tuner.storage import atomic_save_safetensors
+    from ...safetensors_io import atomic_save_safetensors
     from ..toy import runs
 
     name = f"pred_probe_s{seed}"
@@ -104,7 +104,7 @@ def grad_probe(ctx: StudyContext, seed: int, batches: int):
     from safetensors.torch import load_file
 
     from ... import masks as mp
-    from ...tuner.storage import atomic_save_safetensors
+    from ...safetensors_io import atomic_save_safetensors
     from ..toy import runs
 
     name = f"pred_grad_s{seed}_b{batches}"
