@@ -8,7 +8,16 @@ from conftest import make_model, random_mask
 from peft import get_peft_model
 
 from sparse_opd_peft import SparseOPDConfig
-from sparse_opd_peft.tuner.sparse_matmul import DeltaSpec, SparseDeltaLinear, sparse_delta_linear, values_grad
+from sparse_opd_peft.tuner import kernels
+from sparse_opd_peft.tuner.kernels import csr_pattern
+from sparse_opd_peft.tuner.sparse_matmul import (
+    DeltaSpec,
+    SparseDeltaLinear,
+    dense_delta,
+    effective_weight,
+    sparse_delta_linear,
+    values_grad,
+)
 
 
 def _problem(dtype=torch.float64, out_f=9, in_f=7, nnz=20, r=3, seed=0):
@@ -93,3 +102,63 @@ def test_bf16_forward_is_one_rounding_of_the_merged_weight():
     w = layer.get_base_layer().weight
     expected_w = (w.float() + layer.get_delta_weight("default")).to(torch.bfloat16)
     torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, expected_w), rtol=0, atol=0)
+
+
+def test_effective_weight_patch_is_the_dense_one_rounding():
+    """The patched copy (sparse adapters) == dtype(float32(W) + ΔW) built densely, bit for bit, also for two adapters
+    sharing coordinates and for a weight in another dtype than the activations."""
+    g = torch.Generator().manual_seed(0)
+    for wdtype, dtype in (
+        (torch.float32, torch.float32),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.bfloat16, torch.float32),
+    ):
+        w = torch.randn(40, 30, generator=g).to(wdtype)
+        i1 = torch.randperm(1200, generator=g)[:300].sort().values.to(torch.int32)
+        i2 = torch.cat([i1[:100], torch.randperm(1200, generator=g)[:50]]).unique().to(torch.int32)
+        v1, v2 = torch.randn(300, generator=g) * 1e-2, torch.randn(i2.numel(), generator=g) * 1e-2
+        for specs, tensors in (
+            ((DeltaSpec(True, False),), (v1, i1)),
+            ((DeltaSpec(True, False),) * 2, (v1, i1, v2, i2)),
+        ):
+            expected = dense_delta(tuple(w.shape), specs, tensors, out=w.float().clone()).to(dtype)
+            assert torch.equal(effective_weight(w, specs, tensors, dtype), expected)
+            assert torch.equal(
+                effective_weight(w, specs, tensors, dtype, out=torch.empty(40, 30, dtype=dtype)), expected
+            )
+
+
+def test_csr_pattern_is_cached_and_rebuilt_when_indices_change():
+    idx = torch.tensor([1, 5, 9, 22], dtype=torch.int32)
+    first = csr_pattern(idx, 4, 6)
+    assert csr_pattern(idx, 4, 6) is first  # cached with the tensor
+    assert first[0].tolist() == [0, 2, 3, 3, 4] and first[1].tolist() == [1, 5, 3, 4]
+    idx.copy_(torch.tensor([0, 6, 12, 18], dtype=torch.int32))  # in place (as load_state_dict does)
+    again = csr_pattern(idx, 4, 6)
+    assert again is not first and again[0].tolist() == [0, 1, 2, 3, 4] and again[1].tolist() == [0, 0, 0, 0]
+
+
+def test_layers_sharing_an_input_share_one_transposed_copy_and_stay_exact():
+    """Three adapters reading one x (q / k / v) in one backward: one transposed copy, exact gradients, nothing
+    kept after the backward pass."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 16, generator=g, requires_grad=True)
+    outs, adapters = [], []
+    for out_f in (12, 8, 8):
+        w = torch.randn(out_f, 16, generator=g)
+        idx = torch.randperm(out_f * 16, generator=g)[:30].sort().values.to(torch.int32)
+        v = torch.zeros(30, requires_grad=True)
+        outs.append(sparse_delta_linear(x, w, None, (DeltaSpec(True, False),), (v, idx), (out_f, 16), "sampled"))
+        adapters.append((v, idx, torch.randn(4, 6, out_f, generator=g)))
+    misses = []
+    real = kernels.scratch
+    kernels.scratch = lambda purpose, *a: misses.append(purpose) or real(purpose, *a)
+    try:
+        sum((o * dy).sum() for o, (_, _, dy) in zip(outs, adapters, strict=True)).backward()
+    finally:
+        kernels.scratch = real
+    assert misses.count("xt") == 1
+    assert getattr(kernels._LOCAL, "xt", None) is None and not getattr(kernels._LOCAL, "buffers", {})
+    for v, idx, dy in adapters:
+        ref = (dy.reshape(24, -1).t() @ x.detach().reshape(24, 16)).view(-1)[idx.long()]
+        torch.testing.assert_close(v.grad, ref)

@@ -16,6 +16,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.tuners_utils import BaseTuner
 
 import sparse_opd_peft
+import sparse_opd_peft.hub
+import sparse_opd_peft.model_card
 from sparse_opd_peft import SparseOPDConfig, save_adapter
 from sparse_opd_peft.tuner import sparse_matmul
 from sparse_opd_peft.tuner.layer import SparseOPDLayer

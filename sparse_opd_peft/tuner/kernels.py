@@ -89,20 +89,20 @@ def release_scratch() -> None:
 
 def end_of_backward() -> None:
     """Called from a backward function: at the end of the running backward pass, drop this thread's scratch
-    buffers and transposed-input cache (registered once per pass; a no-op outside a backward pass)."""
-    if getattr(_LOCAL, "cleanup_queued", False):
+    buffers and transposed-input cache (registered once per pass; a no-op outside a backward pass). The callback
+    clears the state of the thread that registered it, whichever thread the engine runs it on."""
+    state = _LOCAL.__dict__  # this thread's own attribute dict
+    if state.get("cleanup_queued", False):
         return
+
+    def release(state: dict = state) -> None:
+        state["buffers"], state["xt"], state["cleanup_queued"] = {}, None, False
+
     try:
-        torch.autograd.Variable._execution_engine.queue_callback(release_and_rearm)
+        torch.autograd.Variable._execution_engine.queue_callback(release)
     except RuntimeError:  # not inside a backward pass
         return
-    _LOCAL.cleanup_queued = True
-
-
-def release_and_rearm() -> None:
-    """:func:`release_scratch` and allow the next backward pass to register its own cleanup."""
-    release_scratch()
-    _LOCAL.cleanup_queued = False
+    state["cleanup_queued"] = True
 
 
 def transposed_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

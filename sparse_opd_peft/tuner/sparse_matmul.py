@@ -4,28 +4,49 @@
 ``(x, W, values, indices, coeff, basis)`` — never a dense ``W + ΔW`` — and in backward
 
 * ``dx = dy (W + ΔW)`` with ``W + ΔW`` rebuilt as a temporary,
-* ``d values = gather(dyᵀ x)`` at the coordinates, either by row blocks of ``dyᵀ x`` whose size is bounded by
-  ``block_bytes`` (``"dense_rows"``), or without forming any dense block: ``torch.sparse.sampled_addmm`` on the
-  coordinates' CSR pattern (``"sampled"``) or coordinate-wise products (``"gather"``),
+* ``d values = gather(dyᵀ x)`` at the coordinates (float32 accumulation), by one of
+
+  - ``"sampled"``: only the nnz dot products. CPU: ``torch.sparse.sampled_addmm`` on the coordinates' CSR pattern
+    (cached with the indices tensor, :func:`.kernels.csr_pattern`) over a transposed ``dy`` and a transposed ``x``
+    that the layers reading the same input share (q / k / v, gate / up); CUDA: the Triton kernel of
+    :mod:`.triton_sddmm` (bf16 / fp16 read as they are, float32 accumulation), or ``sampled_addmm`` for float32
+    without Triton;
+  - ``"dense_rows"``: row blocks of ``dyᵀ x`` (at most ``block_bytes`` each) then a gather; on CUDA the blocks are
+    one GEMM each with bf16 / fp16 inputs and a float32 output (``torch.mm(..., out_dtype=float32)``), so no float32
+    copy of ``x`` or ``dy`` is made;
+  - ``"gather"``: coordinate-wise products, chunked;
+  - ``"auto"``: ``"sampled"`` up to :data:`SAMPLED_MAX_DENSITY` on CPU, up to :data:`CUDA_SAMPLED_MAX_DENSITY` on
+    CUDA when Triton is importable, ``"dense_rows"`` otherwise;
 * ``d coeff = dyᵀ (x basis)`` (out, r).
 
 ``W`` may be ``None`` (quantized bases): the function then returns only ``x ΔWᵀ`` and the caller adds the base
 layer's own output.
 
 The forward weight is ``dtype(float32(W) + ΔW)`` — one rounding, exactly what :meth:`merge` writes — so a model
-trained in bf16 computes what its merged weights will compute, while ``values`` keep accumulating in float32.
+trained in bf16 computes what its merged weights will compute ("forward == merged weight" holds bit for bit), while
+``values`` keep accumulating in float32. With sparse adapters only it is built without a float32 copy of ``W``: a
+copy of ``W`` in the activations' dtype (on CPU into a reused per-thread buffer) patched at the coordinates with
+``dtype(float32(W[idx]) + values_1 + values_2 ...)`` (the adapters' values added in turn, as the dense sum does);
+elsewhere the entries are ``dtype(float32(W) + 0) = W`` exactly. With a
+subspace term ``ΔW`` is dense and the weight is built as ``dtype(float32(W) + ΔW)`` through a float32 temporary.
 """
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 
-# Up to this density torch.sparse.sampled_addmm beats the row-block GEMM for d values (measured on 2 CPU cores,
-# 1536x512 weight, 1024 tokens: 8 ms vs 40 ms at 1 %, 16 ms vs 34 ms at 5 %, 59 ms vs 24 ms at 50 %).
-SAMPLED_MAX_DENSITY = 0.15
+from . import triton_sddmm
+from .kernels import csr_matrix, csr_pattern, end_of_backward, has_float32_mm, mm_float32, scratch, transposed_input
+
+# CPU: up to this density the sampled product (with cached pattern and shared transposes) beats the row-block GEMM
+# for d values (1 thread, 1536x512 weight, 1024 tokens, fp32: 1.0 ms vs 32 ms at 1 %, 4.5 ms vs 32 ms at 5 %,
+# 37 ms vs 32 ms at 50 %).
+SAMPLED_MAX_DENSITY = 0.3
+# CUDA (Triton kernel vs one bf16 GEMM with float32 output): a provisional value, to be set from
+# benchmarks/gpu_check.sh (the coordinate-wise product is memory-bound; the GEMM runs on tensor cores).
+CUDA_SAMPLED_MAX_DENSITY = 0.01
 _GATHER_CHUNK_ELEMS = 2**22
 
 
@@ -60,7 +81,7 @@ def dense_delta(
         if spec.sparse:
             values, indices = tensors[pos], tensors[pos + 1]
             pos += 2
-            flat.index_add_(0, indices.long(), values.to(out.dtype))
+            flat.index_add_(0, indices, values.to(out.dtype))
         if spec.subspace:
             coeff, basis = tensors[pos], tensors[pos + 1]
             pos += 2
@@ -68,37 +89,91 @@ def dense_delta(
     return out
 
 
-def effective_weight(
-    weight: torch.Tensor, specs: tuple[DeltaSpec, ...], tensors: tuple[torch.Tensor, ...], dtype: torch.dtype
-) -> torch.Tensor:
-    """``dtype(float32(W) + ΔW)``: a fresh (out, in) tensor; ``W`` is not modified (float64 stays float64)."""
-    base = weight.detach().to(accumulate_dtype(weight.dtype), copy=True)
-    return dense_delta(tuple(weight.shape), specs, tensors, out=base).to(dtype)
-
-
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
     """float32 for half / bfloat16 / float32 inputs, float64 for float64."""
     return torch.promote_types(dtype, torch.float32)
 
 
+def _patched_entries(
+    weight: torch.Tensor, specs: tuple[DeltaSpec, ...], tensors: tuple[torch.Tensor, ...], acc: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse-only specs: ``(coords (m,), float32(W[coords]) + values of each adapter in turn (m,) in acc)`` over
+    the union of the adapters' coordinates: per coordinate the same sums, in the same order, as :func:`dense_delta`
+    accumulating into ``float32(W)``."""
+    if len(specs) == 1:
+        return tensors[1], weight.reshape(-1)[tensors[1]].to(acc) + tensors[0].to(acc)
+    coords, inverse = torch.unique(
+        torch.cat([tensors[2 * i + 1].long() for i in range(len(specs))]), return_inverse=True
+    )
+    entries = weight.reshape(-1)[coords].to(acc)
+    start = 0
+    for i in range(len(specs)):
+        n = tensors[2 * i].numel()
+        entries.index_add_(0, inverse[start : start + n], tensors[2 * i].to(acc))
+        start += n
+    return coords, entries
+
+
+def effective_weight(
+    weight: torch.Tensor,
+    specs: tuple[DeltaSpec, ...],
+    tensors: tuple[torch.Tensor, ...],
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``dtype(float32(W) + ΔW)`` (out, in) (float64 stays float64); ``W`` is not modified.
+
+    ``out``: an (out, in) ``dtype`` tensor to write into (e.g. a reused scratch buffer), or None for a fresh one.
+    Sparse-only deltas patch a ``dtype`` copy of ``W`` at the coordinates (no float32 copy of ``W``); a subspace
+    term goes through a float32 temporary.
+    """
+    acc = accumulate_dtype(weight.dtype)
+    if any(s.subspace or not s.sparse for s in specs):
+        base = weight.detach().to(acc, copy=True)
+        w = dense_delta(tuple(weight.shape), specs, tensors, out=base).to(dtype)
+        return w if out is None else out.copy_(w)
+    w = torch.empty(weight.shape, dtype=dtype, device=weight.device) if out is None else out
+    w.copy_(weight.detach())
+    if len(specs) == 1 and weight.dtype == dtype == acc:  # float32(W) + v in float32: add in place, one pass
+        return w.view(-1).index_add_(0, tensors[1], tensors[0].to(acc)).view(weight.shape)
+    coords, entries = _patched_entries(weight.detach(), specs, tensors, acc)
+    w.view(-1)[coords] = entries.to(dtype)
+    return w
+
+
+def resolve_path(path: str, dy: torch.Tensor, nnz: int, in_features: int) -> str:
+    """The concrete ``d values`` path for ``path`` (``"auto"`` resolved by device, density and Triton)."""
+    if path != "auto":
+        return path
+    density = nnz / max(dy.shape[1] * in_features, 1)
+    if dy.device.type == "cpu":
+        return "sampled" if density <= SAMPLED_MAX_DENSITY else "dense_rows"
+    if triton_sddmm.supported(dy) and density <= CUDA_SAMPLED_MAX_DENSITY:
+        return "sampled"
+    return "dense_rows"
+
+
 def _values_grad_rows(
     dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, in_features: int, block_bytes: int
 ) -> torch.Tensor:
-    """``gather(dyᵀ x)`` at sorted flat ``indices`` by row blocks of at most ``block_bytes`` (float32)."""
+    """``gather(dyᵀ x)`` at sorted flat ``indices`` by row blocks of at most ``block_bytes`` (float32 blocks, one
+    GEMM each from the activations' own dtype)."""
     out_features = dy.shape[1]
-    rows_per_block = max(1, min(out_features, block_bytes // max(dy.element_size() * in_features, 1)))
-    idx = indices.long()
-    grad = torch.empty(idx.numel(), dtype=dy.dtype, device=dy.device)
-    bounds = torch.arange(0, out_features + rows_per_block, rows_per_block, device=idx.device).clamp_(max=out_features)
-    cuts = torch.searchsorted(idx, bounds * in_features).tolist()
+    rows_per_block = max(1, min(out_features, block_bytes // max(4 * in_features, 1)))
+    grad = torch.empty(indices.numel(), dtype=accumulate_dtype(dy.dtype), device=dy.device)
+    bounds = torch.arange(0, out_features + rows_per_block, rows_per_block, device=indices.device)
+    bounds = bounds.clamp_(max=out_features)
+    cuts = torch.searchsorted(indices, (bounds * in_features).to(indices.dtype)).tolist()
     bounds = bounds.tolist()
+    if not has_float32_mm(x):  # no bf16 -> float32 GEMM on this device: one float32 copy of x, not one per block
+        x = x.to(accumulate_dtype(x.dtype))
     for b in range(len(bounds) - 1):
         start, stop = cuts[b], cuts[b + 1]
         if start == stop:
             continue
         r0, r1 = bounds[b], bounds[b + 1]
-        block = dy[:, r0:r1].t().mm(x)  # (r1 - r0, in), bounded by block_bytes
-        grad[start:stop] = block.view(-1)[idx[start:stop] - r0 * in_features]
+        block = mm_float32(dy[:, r0:r1].t(), x)  # (r1 - r0, in), bounded by block_bytes
+        grad[start:stop] = block.view(-1)[indices[start:stop] - r0 * in_features]
     return grad
 
 
@@ -106,42 +181,66 @@ def _values_grad_gather(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor
     """``gather(dyᵀ x)`` computed per coordinate as ``Σ_n dy[n, row] x[n, col]``, chunked over coordinates."""
     idx = indices.long()
     rows, cols = idx // in_features, idx % in_features
-    grad = torch.empty(idx.numel(), dtype=dy.dtype, device=dy.device)
-    dyt, xt = dy.t().contiguous(), x.t().contiguous()  # (out, N), (in, N): gathered rows are contiguous
+    acc = accumulate_dtype(dy.dtype)
+    grad = torch.empty(idx.numel(), dtype=acc, device=dy.device)
+    dyt, xt = dy.t().contiguous(), transposed_input(x, x.dtype)  # (out, N), (in, N): gathered rows are contiguous
     chunk = max(1, _GATHER_CHUNK_ELEMS // max(dy.shape[0], 1))
     for s in range(0, idx.numel(), chunk):
         e = min(s + chunk, idx.numel())
-        grad[s:e] = (dyt[rows[s:e]] * xt[cols[s:e]]).sum(dim=1)
+        grad[s:e] = (dyt[rows[s:e]].to(acc) * xt[cols[s:e]].to(acc)).sum(dim=1)
     return grad
 
 
-def _values_grad_sampled(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, in_features: int) -> torch.Tensor:
-    """``gather(dyᵀ x)`` by ``torch.sparse.sampled_addmm`` on the CSR pattern of the coordinates: computes only the
-    nnz dot products and never forms a dense block."""
-    idx = indices.long()
+def _values_grad_sampled(
+    dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, in_features: int, pattern: tuple | None
+) -> torch.Tensor | None:
+    """``gather(dyᵀ x)`` from the nnz dot products only; None when this device / dtype has no sampled kernel."""
     out_features = dy.shape[1]
-    rows, cols = idx // in_features, idx % in_features
-    crow = torch.zeros(out_features + 1, dtype=torch.long, device=dy.device)
-    crow[1:] = torch.bincount(rows, minlength=out_features).cumsum(0)
-    values = torch.zeros(idx.numel(), dtype=dy.dtype, device=dy.device)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        pattern = torch.sparse_csr_tensor(crow, cols, values, (out_features, in_features), check_invariants=False)
-        return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
+    if triton_sddmm.supported(dy) and x.dtype == dy.dtype:
+        try:
+            return triton_sddmm.sddmm(dy, x, indices, in_features)
+        except Exception as error:  # a compile / launch failure: warn once, then the GEMM path for good
+            triton_sddmm.disable(error)
+    acc = accumulate_dtype(dy.dtype)
+    if dy.device.type != "cpu" and dy.dtype not in (torch.float32, torch.float64):
+        return None  # cuSPARSE's sampled product has no bf16 / fp16 path here: the caller uses dense_rows
+    pattern = pattern or csr_pattern(indices, out_features, in_features)
+    zeros = pattern[2] if acc == torch.float32 else pattern[2].to(acc)
+    csr = csr_matrix(pattern, (out_features, in_features), zeros)
+    if dy.device.type == "cpu":  # the kernel wants rows of dyᵀ and of xᵀ contiguous: give it exactly that
+        dyt = scratch("dyt", (out_features, dy.shape[0]), acc, dy.device).copy_(dy.t())
+        return torch.sparse.sampled_addmm(csr, dyt, transposed_input(x, acc).t(), beta=0.0).values()
+    return torch.sparse.sampled_addmm(csr, dy.t(), x, beta=0.0).values()
 
 
 def values_grad(
-    dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, in_features: int, path: str, block_bytes: int
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    indices: torch.Tensor,
+    in_features: int,
+    path: str,
+    block_bytes: int,
+    pattern: tuple | None = None,
 ) -> torch.Tensor:
-    """Gradient of the loss w.r.t. the sparse values: float32 (nnz,) from ``dy`` (N, out) and ``x`` (N, in)."""
-    if path == "auto":
-        density = indices.numel() / max(dy.shape[1] * in_features, 1)
-        path = "sampled" if density <= SAMPLED_MAX_DENSITY and dy.device.type == "cpu" else "dense_rows"
+    """Gradient of the loss w.r.t. the sparse values: float32 (nnz,) (float64 for float64 inputs) from ``dy``
+    (N, out) and ``x`` (N, in) in their own dtype; ``pattern``: a cached :func:`.kernels.csr_pattern` or None."""
+    path = resolve_path(path, dy, indices.numel(), in_features)
     if path == "sampled":
-        return _values_grad_sampled(dy, x, indices, in_features)
+        grad = _values_grad_sampled(dy, x, indices, in_features, pattern)
+        if grad is not None:
+            return grad
+        path = "dense_rows"
     if path == "gather":
         return _values_grad_gather(dy, x, indices, in_features)
     return _values_grad_rows(dy, x, indices, in_features, block_bytes)
+
+
+def _weight_out(weight: torch.Tensor, dtype: torch.dtype, grad_mode: bool) -> torch.Tensor | None:
+    """Where to build the effective weight: this thread's reused CPU buffer when nothing can keep a reference to
+    it (no autograd recording), else None (a fresh tensor)."""
+    if grad_mode or weight.device.type != "cpu":
+        return None
+    return scratch("w_eff", tuple(weight.shape), dtype, weight.device)
 
 
 class SparseDeltaLinear(torch.autograd.Function):
@@ -151,15 +250,15 @@ class SparseDeltaLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, specs, grad_path, block_bytes, out_features, in_features, *tensors):
         """x: (..., in); weight: (out, in) or None; bias: (out,) or None; returns (..., out) in x's dtype."""
         if weight is not None:
-            w_eff = effective_weight(weight, specs, tensors, x.dtype)
+            w_eff = effective_weight(weight, specs, tensors, x.dtype, _weight_out(weight, x.dtype, False))
         else:
-            w_eff = dense_delta((out_features, in_features), specs, tensors, dtype=accumulate_dtype(x.dtype)).to(
-                x.dtype
-            )
+            w_eff = dense_delta((out_features, in_features), specs, tensors, dtype=accumulate_dtype(x.dtype))
+            w_eff = w_eff.to(x.dtype)
         y = torch.nn.functional.linear(x, w_eff, None if bias is None else bias.to(x.dtype))
         ctx.specs, ctx.grad_path, ctx.block_bytes = specs, grad_path, block_bytes
         ctx.shape = (out_features, in_features)
         ctx.has_weight = weight is not None
+        ctx.patterns = _patterns(x, specs, grad_path, tensors, (out_features, in_features))
         ctx.save_for_backward(x, weight, bias, *tensors)
         return y
 
@@ -167,41 +266,70 @@ class SparseDeltaLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, *tensors = ctx.saved_tensors
         out_features, in_features = ctx.shape
+        end_of_backward()  # the reused CPU buffers and the shared transposed input go when this backward pass ends
         dy2 = dy.reshape(-1, out_features)
+        x2 = x.reshape(-1, in_features)
         grads_tensors: list[torch.Tensor | None] = [None] * len(tensors)
         dx = dweight = dbias = None
         if ctx.needs_input_grad[0]:
             if ctx.has_weight:
-                w_eff = effective_weight(weight, ctx.specs, tuple(tensors), dy.dtype)
+                out = _weight_out(weight, dy.dtype, torch.is_grad_enabled())
+                w_eff = effective_weight(weight, ctx.specs, tuple(tensors), dy.dtype, out)
             else:
                 w_eff = dense_delta(ctx.shape, ctx.specs, tuple(tensors), dtype=accumulate_dtype(dy.dtype)).to(dy.dtype)
             dx = dy2.mm(w_eff).view(*dy.shape[:-1], in_features).to(x.dtype)
             del w_eff
-        need_adapter = any(ctx.needs_input_grad[8:])
-        if need_adapter or ctx.needs_input_grad[1]:
-            acc = accumulate_dtype(dy.dtype)
-            dy32 = dy2.to(acc)
-            x32 = x.reshape(-1, in_features).to(acc)
-            pos, k = 0, 8
-            for spec in ctx.specs:
-                if spec.sparse:
-                    values, indices = tensors[pos], tensors[pos + 1]
-                    if ctx.needs_input_grad[k]:
-                        path = spec.grad_path or ctx.grad_path
-                        block = spec.block_bytes or ctx.block_bytes
-                        g = values_grad(dy32, x32, indices, in_features, path, block)
-                        grads_tensors[pos] = g.to(values.dtype)
-                    pos, k = pos + 2, k + 2
-                if spec.subspace:
-                    coeff, basis = tensors[pos], tensors[pos + 1]
-                    if ctx.needs_input_grad[k]:
-                        grads_tensors[pos] = dy32.t().mm(x32.mm(basis.to(acc))).to(coeff.dtype)
-                    pos, k = pos + 2, k + 2
-            if ctx.needs_input_grad[1]:
-                dweight = dy32.t().mm(x32).to(weight.dtype)
+        acc = accumulate_dtype(dy.dtype)
+        f32: dict[str, torch.Tensor] = {}  # float32 copies, made only for a subspace term or a weight gradient
+
+        def as_acc(name: str, t: torch.Tensor) -> torch.Tensor:
+            if name not in f32:
+                f32[name] = t.to(acc)
+            return f32[name]
+
+        pos, k = 0, 8
+        for i, spec in enumerate(ctx.specs):
+            if spec.sparse:
+                values, indices = tensors[pos], tensors[pos + 1]
+                if ctx.needs_input_grad[k]:
+                    path = spec.grad_path or ctx.grad_path
+                    block = spec.block_bytes or ctx.block_bytes
+                    g = values_grad(dy2, x2, indices, in_features, path, block, ctx.patterns[i])
+                    grads_tensors[pos] = g.to(values.dtype)
+                pos, k = pos + 2, k + 2
+            if spec.subspace:
+                coeff, basis = tensors[pos], tensors[pos + 1]
+                if ctx.needs_input_grad[k]:
+                    xb = as_acc("x", x2).mm(basis.to(acc))
+                    grads_tensors[pos] = as_acc("dy", dy2).t().mm(xb).to(coeff.dtype)
+                pos, k = pos + 2, k + 2
+        if ctx.needs_input_grad[1]:
+            dweight = as_acc("dy", dy2).t().mm(as_acc("x", x2)).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
             dbias = dy2.sum(dim=0).to(bias.dtype)
         return (dx, dweight, dbias, None, None, None, None, None, *grads_tensors)
+
+
+def _patterns(
+    x: torch.Tensor, specs: tuple, grad_path: str, tensors: tuple, shape: tuple[int, int]
+) -> list[tuple | None]:
+    """Per spec, the cached CSR pattern when its ``d values`` will use the CPU sampled kernel, else None (looked up
+    in forward, where ``indices`` is the layer's own buffer object, the cache's key)."""
+    patterns: list[tuple | None] = []
+    pos = 0
+    for spec in specs:
+        pattern = None
+        if spec.sparse:
+            indices = tensors[pos + 1]
+            probe = x.new_empty((0, shape[0]))
+            path = resolve_path(spec.grad_path or grad_path, probe, indices.numel(), shape[1])
+            if path == "sampled" and x.device.type == "cpu":
+                pattern = csr_pattern(indices, shape[0], shape[1])
+            pos += 2
+        if spec.subspace:
+            pos += 2
+        patterns.append(pattern)
+    return patterns
 
 
 def sparse_delta_linear(
