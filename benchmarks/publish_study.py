@@ -4,7 +4,7 @@
 ``benchmarks/results/study_plots/``; ``DIR/study.json`` is copied as ``benchmarks/results/study.json`` without the per-step histories of the runs
 (configs, final metrics and wall-clock stay; the full file stays in DIR). Then run
 ``python benchmarks/render_readme.py``. The published ``study.md`` is regenerated from the published ``study.json`` by
-``sparse_opd_peft.lab.study.render_study`` and :func:`rewrite_links` (``tests/test_study_golden.py``), so publish both
+``sparse_opd_peft.lab.study.render_study`` and :func:`rewrite_links` (``tests/lab/test_study_golden.py``), so publish both
 together and edit neither by hand.
 
     python benchmarks/publish_study.py runs/study

@@ -86,7 +86,7 @@ TEST_CASES = [
     ("Vanilla MLP 12 SparseOPD gather grad_path", "MLP", C, {"mask": masks(("lin0", 0.3, 17)), "grad_path": "gather"}),
 ]
 # save_dtype="bfloat16" / "float16" is not a case: it rounds values on save by design (for sharing), while peft's
-# save / load tests require a lossless round trip; tests/test_storage.py covers it.
+# save / load tests require a lossless round trip; tests/tuner/test_storage.py covers it.
 # init_weights=False is not a case of its own: peft's harness sets it itself (set_init_weights_false) wherever a test
 # needs an adapter that changes the output (save / load, merge, safe merge, training, ...), on every case above.
 

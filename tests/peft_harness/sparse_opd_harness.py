@@ -29,7 +29,7 @@ DESELECT: dict[str, str] = {
         "SparseOPD adapters are safetensors only by design (the project is pickle-free): "
         "model.save_pretrained(dir, safe_serialization=False) raises a ValueError naming the fix (SparseOPDConfig."
         "save_pretrained refuses to complete it) and loading a directory holding adapter_model.bin is refused too; "
-        "tests/test_peft_conventions.py checks both"
+        "tests/tuner/test_peft_conventions.py checks both"
     ),
 }
 

@@ -1,7 +1,7 @@
 """The claims of the study's geometry section ("Where OPD sits") and the rules that decide each verdict.
 
 Each rule is a pure function of per-method means (a claim "holds" / is "reproduced" only past the margins below),
-so the verdicts in ``study.md`` can be checked against the numbers in ``study.json`` (``tests/test_study_verdicts.py``).
+so the verdicts in ``study.md`` can be checked against the numbers in ``study.json`` (``tests/lab/test_study_verdicts.py``).
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from sparse_opd_peft.masks import (
     merged_copy,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------- churn

@@ -16,7 +16,7 @@ from sparse_opd_peft.lab.study import RenderInfo, StudyConfig, controls, geometr
 from sparse_opd_peft.lab.study.recovery_extra import low_lr_md, sgd_md
 
 VERDICT = re.compile(r"\*\*(not reproduced|reproduced|holds|fails)\*\*")
-STUDY_JSON = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "study.json"
+STUDY_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "study.json"
 
 
 def _verdicts(line: str) -> list[str]:

@@ -12,7 +12,7 @@ import torch
 
 from sparse_opd_peft.lab.toy import SHIPPED_WORLD_DIR, heldout_accuracy, load_world, shipped_recipe, world_key
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("torch", "peft", "transformers", "bitsandbytes", "accelerate", "datasets", "safetensors", "numpy")
 # Run the command line's entry point in-process and report which heavy modules it imported.
 HARNESS = """

@@ -126,7 +126,7 @@ def test_importing_the_package_patches_nothing_of_peft():
 
 
 def test_peft_floor_is_the_version_with_the_state_dict_hooks():
-    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    pyproject = (Path(__file__).parents[2] / "pyproject.toml").read_text()
     assert re.findall(r'^\s*"peft>=([0-9.]+)"', pyproject, flags=re.M) == ["0.21"]
     for hook in ("_get_adapter_state_dict", "_remap_adapter_state_dict_for_load"):
         assert hook in vars(BaseTuner) and hook in vars(sparse_opd_peft.SparseOPDModel)

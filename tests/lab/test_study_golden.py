@@ -15,7 +15,7 @@ import pytest
 
 from sparse_opd_peft.lab.study import RenderInfo, render_study
 
-RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "benchmarks" / "results"
 # the lines that carry a verdict: the claim lines, the recovery comparisons, the subspace and predictor statements
 VERDICT_LINE = re.compile(
     r"reproduced|holds|Verdict|^- (top-\d+ %|bf16-visible|scope:|low-magnitude vs|LoRA r=)|Recovers full-mask|"

@@ -175,7 +175,7 @@ def _decode_v1(tensor: torch.Tensor, key: str, numel: int) -> torch.Tensor:
 
 
 def test_version_1_file_loads_and_resaves_as_the_current_version(tmp_path):
-    """``tests/fixtures/adapter_v1`` was written by the version-1 encoder (git 9138474: bitmask at >= 1/32 density,
+    """``tests/tuner/fixtures/adapter_v1`` was written by the version-1 encoder (git 9138474: bitmask at >= 1/32 density,
     int32 indices below) for ``make_model()``: bf16 values, 30 % masks on the MLPs, 1 % on attention."""
     cfg = json.loads((FIXTURE_V1 / "adapter_config.json").read_text())
     tensors = load_file(FIXTURE_V1 / "adapter_model.safetensors")

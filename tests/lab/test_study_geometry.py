@@ -63,7 +63,7 @@ def test_geometry_section(study):
         assert row in md, row
     assert "8.1 / 51.6 / 77.2" in md and "31.9 / 53.6 / 73.5" in md  # the paper's figures beside ours
     # every claim line states the verdicts that the section's own numbers give (the tiny world's numbers mean
-    # nothing, so which way each goes is not known here; tests/test_study_verdicts.py covers both ways)
+    # nothing, so which way each goes is not known here; tests/lab/test_study_verdicts.py covers both ways)
     nan = lambda d: {m: math.nan if v is None else v for m, v in d.items()}  # noqa: E731
     means = {k: nan(v) for k, v in sec.data["means"].items()}
     low = {k: nan({m: sec.data["low_lr"][m][k] for m in geometry.METHODS}) for k in ("bf16_sparsity",
