@@ -57,8 +57,9 @@ def _job(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     from peft import get_peft_model
 
-    from sparse_opd_peft import SparseMask, SparseOPDConfig
+    from sparse_opd_peft import SparseOPDConfig
     from sparse_opd_peft.lab.toy import ToyRunConfig, heldout_accuracy, opd_run
+    from sparse_opd_peft.masks import SparseMask, random_like
 
     path = Path(job["work"]) / f"{job['name']}.json"
     if path.exists():
@@ -74,7 +75,7 @@ def _job(job: dict) -> dict:
     else:
         mask = SparseMask.load(job["mask"])
         if job["random"]:
-            mask = SparseMask.random_like(mask, seed=job["seed"])
+            mask = random_like(mask, seed=job["seed"])
         model, hist, secs = opd_run(get_peft_model(world.load_student(), SparseOPDConfig(mask=mask)), world, cfg)
         result = {"nnz": mask.nnz(), "density": mask.density()}
     result |= {"acc": heldout_accuracy(model, world, job["task"], job["eval_samples"]), "train_seconds": secs,
@@ -100,8 +101,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from sparse_opd_peft import SparseMask
     from sparse_opd_peft.lab.toy import heldout_accuracy
+    from sparse_opd_peft.masks import mask_from_checkpoints
 
     world = _world()
     work = Path(args.work_dir) / world.key
@@ -124,9 +125,9 @@ def main() -> None:
     done = run_all(full_jobs)
     full_runs, other_runs = done[: len(seeds)], done[len(seeds) :]
 
-    masks = {"bf16-visible": SparseMask.from_checkpoints(world.student_path, work / "full_opd", rule="bf16_visible")}
+    masks = {"bf16-visible": mask_from_checkpoints(world.student_path, work / "full_opd", rule="bf16_visible")}
     for d in args.densities:
-        masks[f"top-{d:.0%} |ΔW|"] = SparseMask.from_checkpoints(
+        masks[f"top-{d:.0%} |ΔW|"] = mask_from_checkpoints(
             world.student_path, work / "full_opd", rule="topk", density=d
         )
     jobs = []

@@ -18,7 +18,7 @@ from peft import PeftModel, get_peft_model
 from tqdm import tqdm
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from sparse_opd_peft import SparseMask, SparseOPDConfig, save_adapter
+from sparse_opd_peft import SparseOPDConfig, mask_from_checkpoints, save_adapter
 
 
 def toy_batch(generator: torch.Generator, batch: int = 32, length: int = 24) -> torch.Tensor:
@@ -73,7 +73,7 @@ def main() -> None:
     for name, param in probe.named_parameters():
         param.requires_grad = ".layers." in name and name.endswith("proj.weight")
     train(probe, args.steps, 3e-3, seed=1, desc="probe (full fine-tuning of the blocks)")
-    mask = SparseMask.from_checkpoints(base, probe, rule="topk", density=args.density)
+    mask = mask_from_checkpoints(base, probe, rule="topk", density=args.density)
     mask.save(args.out / "mask.safetensors")
     print(f"mask: {mask}, FFN share of coordinates {mask.type_stats()['ffn']['share_of_nnz']:.1%}")
 

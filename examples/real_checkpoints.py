@@ -6,7 +6,7 @@ as the toy demo:
 1. load student, teacher and tokenizers with ``AutoModelForCausalLM.from_pretrained(..., dtype=torch.bfloat16)``;
 2. a mask: ``--mask PATH`` (a saved ``SparseMask``), or a short full-parameter OPD *probe* of the student's block
    Linears (``--probe-steps``, float32 master weights) followed by
-   ``SparseMask.from_checkpoints(student, probe_dir, rule="topk", density=--density)``;
+   ``mask_from_checkpoints(student, probe_dir, rule="topk", density=--density)``;
 3. ``get_peft_model(student, SparseOPDConfig(mask=mask))`` and ``OPDTrainer(...).train()`` (the trainer checks that
    student and teacher tokenize identically);
 4. ``save_adapter`` (``OUT/adapter``), then ``merge_and_unload`` (``OUT/merged``).
@@ -35,7 +35,7 @@ from datasets import Dataset, load_dataset
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sparse_opd_peft import SparseMask, SparseOPDConfig, save_adapter
+from sparse_opd_peft import SparseMask, SparseOPDConfig, mask_from_checkpoints, save_adapter
 from sparse_opd_peft.opd import OPDConfig, OPDTrainer
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
@@ -172,7 +172,7 @@ def probe_mask(args, tokenizer, teacher, train_ds, device: str) -> SparseMask:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    mask = SparseMask.from_checkpoints(args.student, probe_dir, rule="topk", density=args.density)
+    mask = mask_from_checkpoints(args.student, probe_dir, rule="topk", density=args.density)
     mask.save(args.out / "mask.safetensors")
     return mask
 

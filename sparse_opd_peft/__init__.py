@@ -18,6 +18,7 @@ _API = {
     "bf16_visibility": "tuner",
     "save_adapter": "model_card",
     "SparseMask": "masks",
+    "mask_from_checkpoints": "masks",
     "layer_index": "module_types",
     "module_type": "module_types",
     "visible_update": "visibility",

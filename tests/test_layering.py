@@ -20,13 +20,7 @@ LAB = f"{PACKAGE}.lab"
 CLI = f"{PACKAGE}.cli"  # the package sparse_opd_peft.cli, or the modules sparse_opd_peft.cli / cli_*.py
 
 # Cycles in the library's import graph that are known and accepted, each as its modules in sorted order, with why.
-KNOWN_CYCLES: dict[tuple[str, ...], str] = {
-    tuple(f"{PACKAGE}.masks.{m}" for m in ("budget", "checkpoints", "mask", "priors")): (
-        "SparseMask.from_checkpoints / random_like / low_magnitude (public API, in the README) are facades over "
-        "masks.checkpoints and masks.priors, imported when called; those build SparseMask objects (checkpoints through "
-        "masks.budget). The cycle stays inside the masks package; breaking it means dropping the facades."
-    ),
-}
+KNOWN_CYCLES: dict[tuple[str, ...], str] = {}
 
 
 def _module_name(path: Path) -> str:

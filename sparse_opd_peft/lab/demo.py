@@ -20,7 +20,7 @@ import torch
 from peft import get_peft_model
 
 from ..atomic import normalize_modes, write_text_atomic
-from ..masks import SparseMask
+from ..masks import mask_from_checkpoints, random_like
 from ..model_card import save_adapter
 from ..tuner import SparseOPDConfig
 
@@ -217,13 +217,13 @@ def _masked_retrains(world, cfg: DemoConfig, out: Path, rows: list[dict], histor
     """Stages 4-6: the top-k |ΔW| mask, its retrain from W0 and the random-mask control; returns ``(mask, its
     trained adapter model)``."""
     _stage(4, f"mask: top-{cfg.density:.0%} |ΔW| of the full-OPD update over the block Linears")
-    mask = SparseMask.from_checkpoints(world.student_path, out / "full_opd", rule="topk", density=cfg.density)
+    mask = mask_from_checkpoints(world.student_path, out / "full_opd", rule="topk", density=cfg.density)
     mask.save(out / "mask.safetensors")
     print(f"{mask.nnz():,} coordinates ({100 * mask.density():.1f} %), FFN share "
           f"{100 * mask.type_stats()['ffn']['share_of_nnz']:.0f} %: mask.safetensors")  # fmt: skip
     controls = [
         (5, f"masked retrain: SparseOPDConfig(mask=...) from W0, only the mask's {mask.nnz():,} coordinates", _mask_name(cfg), mask, "mask"),
-        (6, "random control: a random mask with the same per-module counts", "random mask", SparseMask.random_like(mask, seed=cfg.seed), "random"),
+        (6, "random control: a random mask with the same per-module counts", "random mask", random_like(mask, seed=cfg.seed), "random"),
     ]  # fmt: skip
     adapter_model = None
     for n, title, name, m, tag in controls:

@@ -3,8 +3,9 @@
 A mask maps module names (``model.layers.0.mlp.up_proj``) to the sorted flat indices of the trained entries of
 that module's (out, in) weight. It is built from a dict of bool tensors, saved to / loaded from safetensors with the
 same packing as the adapter (bitmask or int32 indices), and reports densities per module and per module type.
-Builders from checkpoints, random controls and magnitude priors live beside it in :mod:`sparse_opd_peft.masks` and
-are exposed here as class methods; overlap with another mask is :func:`sparse_opd_peft.masks.mask_overlap`.
+Builders (:func:`~sparse_opd_peft.masks.mask_from_checkpoints`, :func:`~sparse_opd_peft.masks.random_like`,
+:func:`~sparse_opd_peft.masks.low_magnitude`, ...) and :func:`~sparse_opd_peft.masks.mask_overlap` live beside it
+in :mod:`sparse_opd_peft.masks`; they import this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -206,28 +207,6 @@ class SparseMask(Mapping):
 
     def __sub__(self, other: SparseMask) -> SparseMask:
         return self._combine(other, "sub")
-
-    # ----------------------------------------------------------------- builders (see masks.checkpoints / masks.priors)
-    @classmethod
-    def from_checkpoints(cls, source, tuned, **kwargs) -> SparseMask:
-        """Mask from a checkpoint pair; see :func:`sparse_opd_peft.masks.mask_from_checkpoints`."""
-        from .checkpoints import mask_from_checkpoints
-
-        return mask_from_checkpoints(source, tuned, **kwargs)
-
-    @classmethod
-    def random_like(cls, mask: SparseMask, seed: int = 0) -> SparseMask:
-        """Uniform random mask with the same per-module nnz; see :func:`sparse_opd_peft.masks.random_like`."""
-        from .priors import random_like
-
-        return random_like(mask, seed=seed)
-
-    @classmethod
-    def low_magnitude(cls, model, alpha: float, **kwargs) -> SparseMask:
-        """Bottom-``alpha`` |W0| mask; see :func:`sparse_opd_peft.masks.low_magnitude`."""
-        from .priors import low_magnitude
-
-        return low_magnitude(model, alpha, **kwargs)
 
     # ----------------------------------------------------------------- persistence
     def save(self, path: str | os.PathLike, overwrite: bool = True) -> Path:

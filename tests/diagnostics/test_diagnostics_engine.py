@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from sparse_opd_peft import SparseMask
 from sparse_opd_peft.diagnostics import diagnose, metrics, trajectory, write_report, write_trajectory_report
 from sparse_opd_peft.diagnostics.sources import SafetensorsSource, open_source, select_weights
+from sparse_opd_peft.masks import mask_from_checkpoints
 
 CFG = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
            num_key_value_heads=1, head_dim=16)  # fmt: skip
@@ -82,7 +82,7 @@ def test_end_to_end_ranking_and_exact_mask(dirs):
     assert de["principal_overlap"] > 0.5 > sp["principal_overlap"]
     assert de["nss"] > 5 * sp["nss"] > 0
     assert de["stable_rank"] < 4.5 < sp["stable_rank"]  # rank-4 dense update vs scattered sparse one
-    extracted = SparseMask.from_checkpoints(dirs["source"], dirs["sparse"], rule="bf16_visible")
+    extracted = mask_from_checkpoints(dirs["source"], dirs["sparse"], rule="bf16_visible")
     planted = dirs["planted"]
     assert set(extracted) == set(planted)
     for name, dense_mask in planted.items():

@@ -12,6 +12,7 @@ from sparse_opd_peft import SparseMask, SparseOPDConfig
 from sparse_opd_peft.diagnostics import metrics
 from sparse_opd_peft.masks import (
     load_subspace,
+    low_magnitude,
     mask_from_checkpoints,
     mask_overlap,
     random_like,
@@ -64,7 +65,7 @@ def brute_topk(deltas: dict[str, torch.Tensor], count: int) -> dict[str, torch.T
 def test_bf16_and_abs_threshold_rules(pair):
     src, tun, deltas, _ = pair
     vis = mask_from_checkpoints(src, tun)
-    abs_m = SparseMask.from_checkpoints(src, tun, rule="abs_threshold")
+    abs_m = mask_from_checkpoints(src, tun, rule="abs_threshold")
     for n in deltas:
         w0 = linears(pair[3])[n].detach()
         assert torch.equal(vis[n], metrics.bf16_visible_mask(w0, w0 + deltas[n]))
@@ -121,13 +122,13 @@ def test_mask_builder_errors(pair, tmp_path):
 def test_random_like_and_low_magnitude(pair, tmp_path):
     src, tun, deltas, source_model = pair
     mask = mask_from_checkpoints(src, tun, "topk", density=0.05)
-    r1, r2, r3 = random_like(mask, seed=1), SparseMask.random_like(mask, seed=1), random_like(mask, seed=2)
+    r1, r2, r3 = random_like(mask, seed=1), random_like(mask, seed=1), random_like(mask, seed=2)
     for n in mask:
         assert r1.nnz(n) == mask.nnz(n) and torch.equal(r1.indices(n), r2.indices(n))
     assert any(not torch.equal(r1.indices(n), r3.indices(n)) for n in mask)
     assert mask_overlap(r1, mask)["random_share_of_a"] == pytest.approx(r1.density(), rel=0.3)
-    low = SparseMask.low_magnitude(src, 0.3)
-    low_mem = SparseMask.low_magnitude(source_model, 0.3)
+    low = low_magnitude(src, 0.3)
+    low_mem = low_magnitude(source_model, 0.3)
     for n, p in linears(source_model).items():
         ref = metrics.low_magnitude_mask(p.detach(), 0.3)
         assert torch.equal(low[n], ref) and torch.equal(low_mem[n], ref)

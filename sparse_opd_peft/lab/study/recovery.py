@@ -141,15 +141,15 @@ def masked_student(load: Callable[[], torch.nn.Module], mask: Any) -> torch.nn.M
 # ---------------------------------------------------------------------------------------------- the main table
 def seed_masks(ctx: StudyContext, seed: int) -> dict[str, Any]:
     """All masks of one seed, from that seed's full OPD run: bf16-visible; top-k, random and low-magnitude."""
-    from ...masks import SparseMask
+    from ...masks import mask_from_checkpoints, random_like
 
     _, final = ctx.full_opd(seed)
     src, anchor = ctx.student_path(), ctx.world.load_student()
-    masks = {"bf16": SparseMask.from_checkpoints(src, final, rule="bf16_visible")}
+    masks = {"bf16": mask_from_checkpoints(src, final, rule="bf16_visible")}
     for d in DENSITIES:
-        top = SparseMask.from_checkpoints(src, final, rule="topk", density=d)
+        top = mask_from_checkpoints(src, final, rule="topk", density=d)
         masks[f"top{pct(d)}"] = top
-        masks[f"random{pct(d)}"] = SparseMask.random_like(top, seed=1000 + seed)
+        masks[f"random{pct(d)}"] = random_like(top, seed=1000 + seed)
         if d in LOWMAG_DENSITIES:
             masks[f"lowmag{pct(d)}"] = low_magnitude_like(top, anchor)
     return masks

@@ -34,10 +34,10 @@ PAPER_SPARSITY = "OPD bf16 sparsity 51.6 % (Qwen3-8B; variants 48.6–57.1 %); 6
 
 def visible_density(ctx: StudyContext, tuned: Path, total: int) -> float:
     """bf16-visible changed share of all block-Linear entries between the anchor and ``tuned`` (0 when none)."""
-    from ...masks import SparseMask
+    from ...masks import mask_from_checkpoints
 
     try:
-        return SparseMask.from_checkpoints(ctx.student_path(), tuned, rule="bf16_visible").nnz() / total
+        return mask_from_checkpoints(ctx.student_path(), tuned, rule="bf16_visible").nnz() / total
     except ValueError:  # no coordinate visible at all
         return 0.0
 
@@ -151,7 +151,7 @@ def low_lr_regime(ctx: StudyContext, rows: list[dict[str, Any]], meta: dict[str,
     """AdamW at :data:`LOW_LRS` for ``LOW_STEPS_FACTOR × steps`` (seed 0) plus the SGD runs: does any run both learn
     a lot and leave a sparse bf16-visible mask? Then the papers' protocol (retrain on that run's bf16-visible mask
     vs a random mask, same recipe) at the best candidate."""
-    from ...masks import SparseMask
+    from ...masks import mask_from_checkpoints, random_like
 
     s, load, total = ctx.seeds[0], ctx.world.load_student, meta["block_params"]
     steps = LOW_STEPS_FACTOR * ctx.config.steps
@@ -183,10 +183,10 @@ def low_lr_regime(ctx: StudyContext, rows: list[dict[str, Any]], meta: dict[str,
     final = ctx.artifact_dir(pick["name"]) / "final"
     changes = dict(seed=s, lr=pick["lr"], steps=pick["steps"], optimizer=pick["optimizer"],
                    **curve_settings(ctx, pick["steps"]))  # fmt: skip
-    mask = lambda: SparseMask.from_checkpoints(ctx.student_path(), final, rule="bf16_visible")  # noqa: E731
+    mask = lambda: mask_from_checkpoints(ctx.student_path(), final, rule="bf16_visible")  # noqa: E731
     proto = {}
     for kind in ("mask", "random"):
-        build = mask if kind == "mask" else (lambda: SparseMask.random_like(mask(), seed=2000 + s))
+        build = mask if kind == "mask" else (lambda: random_like(mask(), seed=2000 + s))
         r = ctx.opd(f"rec_protocol_{kind}_{pick['name']}", lambda b=build: masked_student(load, b()), **changes)
         proto[kind] = {"acc": r["acc"], "curve": curve_of(r, start)}
     return {"candidates": cands, "pick": pick["name"], "regime_found": any(c["qualifies"] for c in cands),
