@@ -44,6 +44,10 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
     "full_kl": ({"loss": "full_kl"}, "exact reverse KL over the vocabulary (reference)"),
     "st_plain": (_st(), "sampled_token, plain: A = -(log p_s - log p_T)"),
     "st_base": (_st(baseline="position"), "sampled_token, per-position leave-one-out baseline"),
+    "st_base_g2": (
+        {**_st(baseline="position"), "num_generations": 2},
+        "sampled_token, per-position leave-one-out baseline, 2 samples per prompt (64 prompts: 2x the rollouts)",
+    ),
     "st_clip3": (_st(clip=3.0), "sampled_token, log-ratio clipped to ±3"),
     "st_base_clip10": (_st(clip=10.0, baseline="position"), "sampled_token, baseline + log-ratio clipped to ±10"),
     "st_iw": (_st(gamma=0.5), "sampled_token, IW-OPD prefix weights (γ = 0.5)"),
@@ -53,7 +57,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], str]] = {
         for k in (1, 2, 4)
     },
 }
-DEFAULT_VARIANTS = ["full_kl", "st_plain", "st_base", "topk1", "topk2", "topk4"]  # every seed
+DEFAULT_VARIANTS = ["full_kl", "st_plain", "st_base", "st_base_g2", "topk1", "topk2", "topk4"]  # every seed
 # Variants tried once (seed 0, same budget) whose code was not kept: (what, held-out accuracy %).
 NOT_KEPT = [
     (
@@ -106,7 +110,8 @@ def run_variant(world: Any, name: str, seed: int, steps: int, task: str, eval_sa
         if cached.get("overrides") == overrides:
             return cached
     _, ToyRunConfig, opd_config, toy_reward_fn, heldout_accuracy = _toy()
-    base = opd_config(world, ToyRunConfig(task=task, loss="full_kl", steps=steps, seed=seed, progress=False))
+    run = ToyRunConfig(task=task).with_(loss="full_kl", steps=steps, seed=seed, progress_bar=False)
+    base = opd_config(world, run)
     config = replace(base, **overrides)
     t0 = time.perf_counter()
     trainer = OPDTrainer(

@@ -417,7 +417,8 @@ def test_each_estimator_learns_on_the_toy_world(toy_world, overrides, min_gain):
 
     world = toy_world
     anchor = heldout_accuracy(world.load_student(), world, "add", TOY_EVAL)
-    cfg = replace(opd_config(world, ToyRunConfig(task="add", steps=TOY_STEPS, seed=0, progress=False)), **overrides)
+    run = ToyRunConfig(task="add").with_(steps=TOY_STEPS, seed=0, progress_bar=False)
+    cfg = replace(opd_config(world, run), **overrides)
     trainer = OPDTrainer(world.load_student(), world.teacher, world.tokenizer, world.datasets["add"]["train"], cfg,
                          reward_fn=toy_reward_fn(world, "add"))  # fmt: skip
     trainer.train()
@@ -433,3 +434,99 @@ def test_configs_saved_before_the_baseline_resume_with_the_plain_estimator():
     assert cfg.trajectory_diff(OPDConfig(loss="sampled_token", sampled_token_baseline="none")) == {}
     full = {k: v for k, v in OPDConfig().to_dict().items() if k != "sampled_token_baseline"}
     assert OPDConfig.from_dict(full).trajectory_diff(OPDConfig()) == {}  # irrelevant to full_kl
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loss registry: one entry per objective, which OPDConfig validates against and OPDTrainer dispatches through.
+
+
+def test_loss_registry_matches_the_cli_choices_and_drives_the_config():
+    from sparse_opd_peft import choices
+    from sparse_opd_peft.opd.losses import LOSS_SPECS, TEACHER_SIGNALS
+
+    assert tuple(LOSS_SPECS) == choices.LOSSES  # the torch-free names the CLI offers are exactly the registry's
+    for name, spec in LOSS_SPECS.items():
+        assert spec.teacher in TEACHER_SIGNALS and spec.grad in ("divergence", "logprobs")
+        n = 2 if spec.reward else 1
+        cfg = OPDConfig(loss=name, num_generations=n)
+        assert cfg.spec is spec
+        assert cfg.needs_teacher == (spec.teacher != "none") and cfg.needs_reward == spec.reward
+        if not spec.advantages:
+            with pytest.raises(ValueError, match="discount=0.5"):
+                OPDConfig(loss=name, num_generations=n, discount=0.5)
+        if spec.teacher == "none":
+            with pytest.raises(ValueError, match="token_keep='top_gap'"):
+                OPDConfig(loss=name, num_generations=n, token_keep="top_gap")
+
+
+def test_a_loss_added_to_the_registry_is_validated_and_trained(monkeypatch):
+    """One LossSpec entry is all a new objective needs: here half the full KL, whose first SGD update is half of
+    full_kl's."""
+    from sparse_opd_peft.opd import config as config_module
+    from sparse_opd_peft.opd.losses import LOSS_SPECS, LossSpec
+
+    half = LossSpec("logits", "divergence", lambda x: 0.5 * (x.divergence * x.mask).sum())
+    monkeypatch.setitem(LOSS_SPECS, "half_kl", half)
+    assert config_module.LOSS_SPECS is LOSS_SPECS
+    base = dict(optimizer="sgd", lr=0.5, lr_schedule="constant", max_grad_norm=None, steps=1, batch_size=4)
+    updates = []
+    for loss in ("full_kl", "half_kl"):
+        student = tiny_model(0)
+        before = torch.cat([p.detach().reshape(-1).clone() for p in student.parameters()])
+        history = _trainer(student, cfg=_cfg(loss=loss, **base), reward_fn=_length_reward).train()
+        assert "kl_exact" in history[0]
+        updates.append(torch.cat([p.detach().reshape(-1) for p in student.parameters()]) - before)
+    assert updates[0].abs().max() > 1e-4
+    torch.testing.assert_close(updates[1], 0.5 * updates[0], atol=1e-7, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models whose logits are not exactly their nn.Linear head's output are scored from their logits (same update).
+
+
+class _ScaledHead(torch.nn.Module):
+    """An output embedding that is not a plain nn.Linear (logits scaled after the projection)."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1.5 * self.linear(x)
+
+
+def _softcap_logits(module, args, kwargs, output):
+    output.logits = 4.0 * torch.tanh(output.logits / 4.0)  # logit soft-capping after a plain head (Gemma-2 style)
+    return output
+
+
+def _unusual_head(model: torch.nn.Module, kind: str) -> torch.nn.Module:
+    if kind == "scaled_head":
+        model.lm_head = _ScaledHead(model.lm_head)
+    else:
+        model.register_forward_hook(_softcap_logits, with_kwargs=True)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["scaled_head", "softcap"])
+@pytest.mark.parametrize("loss", ["full_kl", "topk_kl", "sampled_token"])
+def test_unusual_heads_fall_back_to_logits_with_the_same_update(kind, loss):
+    """A head module that is not an nn.Linear, or logits changed after a plain head (caught by the one-time check
+    against the model's own logits), are scored from the logits: the first update still equals the reference."""
+    cfg = _cfg(optimizer="sgd", lr=0.5, lr_schedule="constant", max_grad_norm=None, steps=1, batch_size=6,
+               num_generations=1, max_new_tokens=5, loss=loss, topk=3)  # fmt: skip
+    student, teacher = _unusual_head(tiny_model(0), kind), _unusual_head(tiny_model(1), kind)
+    ref_student = copy.deepcopy(student)
+    trainer = _trainer(student, teacher, cfg, reward_fn=_length_reward)
+    grads = _reference_gradient(trainer, ref_student, teacher)
+    before = [p.detach().clone() for p in student.parameters()]
+    trainer.train()
+    assert trainer._student_scorer.head is None and trainer._teacher_scorer.head is None
+    for p0, p1, g in zip(before, student.parameters(), grads, strict=True):
+        torch.testing.assert_close(p1.detach() - p0, -0.5 * g, atol=2e-6, rtol=1e-4)
+
+
+def test_plain_heads_are_scored_from_hidden_states():
+    trainer = _trainer()
+    trainer.train()
+    assert trainer._student_scorer.head is not None and trainer._teacher_scorer.head is not None

@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Optional, Union
 
 from ..choices import BASELINES, LOSSES, LR_SCHEDULES, OPTIMIZERS, TOKEN_KEEP  # noqa: F401 - re-exported
+from .losses.registry import LOSS_SPECS, LossSpec
 
 # Fields that change neither the trajectory nor the final weights: they may differ between a run and its resume.
 RESUME_FREE_FIELDS = (
@@ -30,8 +31,11 @@ class OPDConfig:
 
     Objective (``loss``), which to use when (measured on the toy world: ``benchmarks/results/estimators.md``):
         ``"full_kl"`` (default): exact reverse KL ``Σ_v p_s(v)(log p_s(v) - log p_T(v))`` at every visited prefix,
-        computed in chunks of ``full_kl_chunk`` positions (memory ``O(chunk · V)`` beyond the logits). Needs the
-        teacher's full logits in the training process. The lowest-variance choice: use it whenever it fits.
+        computed ``full_kl_chunk`` completion tokens at a time from the student's and the teacher's hidden states and
+        lm_heads (:func:`~sparse_opd_peft.opd.losses.head_objectives`: memory ``O(full_kl_chunk · V)``, no
+        ``(N, T, V)`` tensor in the forward or the backward pass; a model whose logits are not exactly its
+        ``nn.Linear`` head's output is scored from its logits instead). Needs the teacher model in the training
+        process. The lowest-variance choice: use it whenever it fits.
         ``"topk_kl"``: reverse KL against the teacher's ``topk`` largest log-probs with the rest of the vocabulary
         as one tail bucket, ``Σ_{v∈K} p_s(v)(log p_s(v) - log p_T(v)) + q_s (log q_s - log q_T)`` (``q = 1 - Σ_{v∈K}
         p(v)``); the teacher side is only ``(N, T, k)`` log-probs and ids (:meth:`OPDTrainer.teacher_topk`), what a
@@ -101,7 +105,7 @@ class OPDConfig:
     eval_max_new_tokens: Optional[int] = None
     save_every: int = 0
     checkpoint_dir: Optional[str] = None
-    full_kl_chunk: int = 256
+    full_kl_chunk: int = 128
     decode_skip_special_tokens: bool = False
     report_to: Optional[Union[str, list[str]]] = None
     project_name: str = "sparse_opd"
@@ -110,110 +114,138 @@ class OPDConfig:
     run_name: Optional[str] = None
 
     def __post_init__(self) -> None:
-        def bad(name: str, value: Any, need: str) -> ValueError:
-            return ValueError(f"OPDConfig.{name}={value!r} is invalid: {need}")
+        self._check_choices()
+        self._check_counts()
+        self._check_objective_numbers()
+        self._check_sampled_token_options()
+        self._check_optimizer()
+        self._check_combinations()
 
+    # -------------------------------------------------------------- validators, one topic each
+    @staticmethod
+    def _bad(name: str, value: Any, need: str) -> ValueError:
+        return ValueError(f"OPDConfig.{name}={value!r} is invalid: {need}")
+
+    def _check_choices(self) -> None:
         for name, allowed in (
-            ("loss", LOSSES),
+            ("loss", LOSS_SPECS),
             ("token_keep", TOKEN_KEEP),
             ("lr_schedule", LR_SCHEDULES),
             ("optimizer", OPTIMIZERS),
         ):
             if getattr(self, name) not in allowed:
-                raise bad(name, getattr(self, name), f"choose one of {list(allowed)}")
+                raise self._bad(name, getattr(self, name), f"choose one of {list(allowed)}")
+
+    def _check_counts(self) -> None:
         for name in ("num_generations", "max_new_tokens", "batch_size", "grad_accum", "steps", "full_kl_chunk", "topk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, value, "must be an integer >= 1")
+                raise self._bad(name, value, "must be an integer >= 1")
         for name in ("warmup_steps", "eval_every", "save_every", "eval_samples", "eval_batch_size", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise bad(name, value, "must be an integer >= 0")
+                raise self._bad(name, value, "must be an integer >= 0")
         if self.eval_batch_size < 1:
-            raise bad("eval_batch_size", self.eval_batch_size, "must be >= 1")
+            raise self._bad("eval_batch_size", self.eval_batch_size, "must be >= 1")
         if self.eval_max_new_tokens is not None and self.eval_max_new_tokens < 1:
-            raise bad("eval_max_new_tokens", self.eval_max_new_tokens, "must be >= 1 or None (= max_new_tokens)")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise bad("alpha", self.alpha, "the mix weight must lie in [0, 1] (1 = pure OPD, 0 = pure RLVR)")
-        if not 0.0 <= self.discount <= 1.0:
-            raise bad("discount", self.discount, "the discount γ must lie in [0, 1] (0 = per-token advantage)")
-        if not 0.0 < self.token_keep_ratio <= 1.0:
-            raise bad("token_keep_ratio", self.token_keep_ratio, "the kept share ρ must lie in (0, 1]")
-        if self.sampled_token_clip is not None and (
-            isinstance(self.sampled_token_clip, bool)
-            or not isinstance(self.sampled_token_clip, (int, float))
-            or not 0.0 < self.sampled_token_clip < float("inf")
-        ):
-            raise bad(
-                "sampled_token_clip",
-                self.sampled_token_clip,
-                "the bound on |log p_s - log p_T| per token must be a finite number > 0, or None (no clipping)",
-            )
-        if self.sampled_token_baseline is not None and self.sampled_token_baseline not in BASELINES:
-            raise bad(
-                "sampled_token_baseline",
-                self.sampled_token_baseline,
-                f"choose one of {list(BASELINES)}, or None (the loss's default)",
-            )
-        gamma = self.sampled_token_prefix_gamma
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < float("inf"):
-            raise bad("sampled_token_prefix_gamma", gamma, "the IW-OPD prefix weight γ must be a finite number >= 0")
-        if not self.temperature > 0.0:
-            raise bad("temperature", self.temperature, "must be > 0 (rollouts are sampled)")
-        if not self.lr > 0.0:
-            raise bad("lr", self.lr, "must be > 0")
-        if self.weight_decay < 0.0 or self.momentum < 0.0:
-            raise ValueError(
-                f"OPDConfig: weight_decay and momentum must be >= 0, got {self.weight_decay}, {self.momentum}"
-            )
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0.0:
-            raise bad("max_grad_norm", self.max_grad_norm, "must be > 0, or None to disable clipping")
-        if len(tuple(self.adam_betas)) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
-            raise bad("adam_betas", self.adam_betas, "need two betas in [0, 1)")
-        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+            raise self._bad("eval_max_new_tokens", self.eval_max_new_tokens, "must be >= 1 or None (= max_new_tokens)")
         if self.batch_size < self.grad_accum:
             raise ValueError(
                 f"OPDConfig: batch_size={self.batch_size} prompts cannot be split into grad_accum={self.grad_accum} "
                 "micro-batches; use grad_accum <= batch_size"
             )
         if self.save_every > 0 and not self.checkpoint_dir:
-            raise bad("checkpoint_dir", self.checkpoint_dir, f"save_every={self.save_every} needs a checkpoint_dir")
-        # Combinations that have no meaning.
-        if self.loss in ("rlvr", "mix") and self.num_generations < 2:
-            raise bad(
+            raise self._bad(
+                "checkpoint_dir", self.checkpoint_dir, f"save_every={self.save_every} needs a checkpoint_dir"
+            )
+
+    def _check_objective_numbers(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise self._bad("alpha", self.alpha, "the mix weight must lie in [0, 1] (1 = pure OPD, 0 = pure RLVR)")
+        if not 0.0 <= self.discount <= 1.0:
+            raise self._bad("discount", self.discount, "the discount γ must lie in [0, 1] (0 = per-token advantage)")
+        if not 0.0 < self.token_keep_ratio <= 1.0:
+            raise self._bad("token_keep_ratio", self.token_keep_ratio, "the kept share ρ must lie in (0, 1]")
+        if not self.temperature > 0.0:
+            raise self._bad("temperature", self.temperature, "must be > 0 (rollouts are sampled)")
+
+    def _check_sampled_token_options(self) -> None:
+        clip = self.sampled_token_clip
+        if clip is not None and (
+            isinstance(clip, bool) or not isinstance(clip, (int, float)) or not 0.0 < clip < float("inf")
+        ):
+            raise self._bad(
+                "sampled_token_clip",
+                clip,
+                "the bound on |log p_s - log p_T| per token must be a finite number > 0, or None (no clipping)",
+            )
+        if self.sampled_token_baseline is not None and self.sampled_token_baseline not in BASELINES:
+            raise self._bad(
+                "sampled_token_baseline",
+                self.sampled_token_baseline,
+                f"choose one of {list(BASELINES)}, or None (the loss's default)",
+            )
+        gamma = self.sampled_token_prefix_gamma
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 <= gamma < float("inf"):
+            raise self._bad(
+                "sampled_token_prefix_gamma", gamma, "the IW-OPD prefix weight γ must be a finite number >= 0"
+            )
+
+    def _check_optimizer(self) -> None:
+        if not self.lr > 0.0:
+            raise self._bad("lr", self.lr, "must be > 0")
+        if self.weight_decay < 0.0 or self.momentum < 0.0:
+            raise ValueError(
+                f"OPDConfig: weight_decay and momentum must be >= 0, got {self.weight_decay}, {self.momentum}"
+            )
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0.0:
+            raise self._bad("max_grad_norm", self.max_grad_norm, "must be > 0, or None to disable clipping")
+        if len(tuple(self.adam_betas)) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise self._bad("adam_betas", self.adam_betas, "need two betas in [0, 1)")
+        self.adam_betas = tuple(float(b) for b in self.adam_betas)
+
+    def _check_combinations(self) -> None:
+        """Options that have no meaning with the loss (read from its :class:`~.losses.LossSpec`)."""
+        spec = self.spec
+        with_teacher = [name for name, s in LOSS_SPECS.items() if s.teacher != "none"]
+        if spec.reward and self.num_generations < 2:
+            raise self._bad(
                 "num_generations", self.num_generations, f"loss={self.loss!r} normalises rewards over a group: use >= 2"
             )
-        if self.loss == "sft":
-            if self.off_policy or self.num_generations != 1:
-                raise ValueError(
-                    "OPDConfig: loss='sft' trains on the dataset's completions (no rollouts): keep off_policy=False and "
-                    "num_generations=1"
-                )
-        if self.loss == "rlvr" and self.off_policy:
+        if not spec.rollouts and (self.off_policy or self.num_generations != 1):
             raise ValueError(
-                "OPDConfig: off_policy=True (teacher rollouts) is an OPD control; use it with loss "
-                "'sampled_token', 'full_kl', 'topk_kl' or 'mix', not 'rlvr'"
+                f"OPDConfig: loss={self.loss!r} trains on the dataset's completions (no rollouts): keep "
+                "off_policy=False and num_generations=1"
             )
-        if self.token_keep != "all" and self.loss not in ("sampled_token", "full_kl", "topk_kl", "mix"):
-            raise bad(
+        if self.off_policy and spec.teacher == "none":
+            raise ValueError(
+                f"OPDConfig: off_policy=True (teacher rollouts) is an OPD control; use it with loss "
+                f"{' / '.join(repr(n) for n in with_teacher)}, not {self.loss!r}"
+            )
+        if self.token_keep != "all" and spec.teacher == "none":
+            raise self._bad(
                 "token_keep", self.token_keep, f"token sparsification needs a teacher signal, not loss={self.loss!r}"
             )
-        if self.discount > 0.0 and self.loss not in ("sampled_token", "mix"):
-            raise bad(
-                "discount",
-                self.discount,
-                f"the discounted future sum applies to 'sampled_token' / 'mix', not {self.loss!r}",
+        if self.discount > 0.0 and not spec.advantages:
+            with_adv = " / ".join(repr(n) for n, s in LOSS_SPECS.items() if s.advantages)
+            raise self._bad(
+                "discount", self.discount, f"the discounted future sum applies to {with_adv}, not {self.loss!r}"
             )
+
+    @property
+    def spec(self) -> LossSpec:
+        """The :class:`~sparse_opd_peft.opd.losses.LossSpec` of ``loss``: its teacher signal, reward, gradient."""
+        return LOSS_SPECS[self.loss]
 
     @property
     def needs_teacher(self) -> bool:
         """Whether the loss (or an off-policy rollout) uses the teacher."""
-        return self.loss in ("sampled_token", "full_kl", "topk_kl", "mix") or self.off_policy
+        return self.spec.teacher != "none" or self.off_policy
 
     @property
     def needs_reward(self) -> bool:
         """Whether the loss uses the verifier reward."""
-        return self.loss in ("rlvr", "mix")
+        return self.spec.reward
 
     @property
     def baseline(self) -> str:
@@ -222,7 +254,7 @@ class OPDConfig:
         paper's α-mix recipe, raw OPD advantages)."""
         if self.sampled_token_baseline is not None:
             return self.sampled_token_baseline
-        return "position" if self.loss == "sampled_token" else "none"
+        return self.spec.default_baseline
 
     @property
     def std_normalize(self) -> bool:
@@ -263,5 +295,5 @@ class OPDConfig:
         """Fields (other than bookkeeping ones) whose values differ: ``{name: (self_value, other_value)}``."""
         a, b = self.to_dict(), other.to_dict()
         for d, c in ((a, self), (b, other)):  # the baseline in force (None and its loss's default are the same run)
-            d["sampled_token_baseline"] = c.baseline if c.loss in ("sampled_token", "mix") else None
+            d["sampled_token_baseline"] = c.baseline if c.spec.advantages else None
         return {k: (a[k], b[k]) for k in a if k not in RESUME_FREE_FIELDS and a[k] != b[k]}
