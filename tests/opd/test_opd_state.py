@@ -266,7 +266,9 @@ def _ddp_worker(out: Path) -> None:
 
 
 def test_two_processes_save_and_resume(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    tests_dir = str(Path(__file__).resolve().parents[1])  # this file imports the shared helpers there
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": os.pathsep.join(p for p in (tests_dir, os.environ.get("PYTHONPATH")) if p)}  # fmt: skip
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            __file__, str(tmp_path)]  # fmt: skip
