@@ -35,7 +35,7 @@ def csr_pattern(indices: torch.Tensor, out_features: int, in_features: int) -> t
     rebuilds it.
     """
     key = id(indices)
-    check = (_key(indices), out_features, in_features)
+    check = (_key(indices), out_features, in_features, torch.is_inference_mode_enabled())
     hit = _CSR.get(key)
     if hit is not None and hit[0]() is indices and hit[1] == check:
         return hit[2]
@@ -75,9 +75,11 @@ def scratch(purpose: str, shape: tuple[int, ...], dtype: torch.dtype, device: to
     numel = 1
     for s in shape:
         numel *= s
-    buf = buffers.get((purpose, dtype))
+    # inference tensors (made under torch.inference_mode) cannot be written outside it: one buffer per mode
+    key = (purpose, dtype, torch.is_inference_mode_enabled())
+    buf = buffers.get(key)
     if buf is None or buf.numel() < numel:
-        buf = buffers[(purpose, dtype)] = torch.empty(numel, dtype=dtype)
+        buf = buffers[key] = torch.empty(numel, dtype=dtype)
     return buf[:numel].view(shape)
 
 

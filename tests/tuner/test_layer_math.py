@@ -162,3 +162,23 @@ def test_layers_sharing_an_input_share_one_transposed_copy_and_stay_exact():
     for v, idx, dy in adapters:
         ref = (dy.reshape(24, -1).t() @ x.detach().reshape(24, 16)).view(-1)[idx.long()]
         torch.testing.assert_close(v.grad, ref)
+
+
+@pytest.mark.parametrize("path", ["sampled", "dense_rows"])
+def test_inference_mode_then_training_reuses_no_inference_buffer(path):
+    """A forward under ``torch.inference_mode`` (as peft's own tests and ``generate`` do) must not leave reused
+    buffers or cached patterns that a later training step writes to ("inplace update to inference tensor"); the
+    logits agree between the two modes."""
+    kernels.release_scratch()
+    model = make_model()
+    pm = get_peft_model(model, SparseOPDConfig(mask=random_mask(model, 0.05), grad_path=path))
+    ids = torch.randint(0, 32, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = pm(input_ids=ids).logits.clone()
+    out = pm(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits.detach(), ref, rtol=0, atol=0)
+    out.loss.backward()
+    grads = [p.grad for n, p in pm.named_parameters() if "sparse_opd_values" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads)
+    with torch.inference_mode():
+        torch.testing.assert_close(pm(input_ids=ids).logits, ref, rtol=0, atol=0)
