@@ -182,3 +182,22 @@ def test_plain_heads_are_scored_from_hidden_states():
     trainer = make_trainer()
     trainer.train()
     assert trainer._student_scorer.head is not None and trainer._teacher_scorer.head is not None
+
+
+def test_a_masked_lm_head_is_scored_through_the_model_and_trains():
+    """A SparseOPD mask on ``lm_head`` makes the head a non-Linear adapter layer: the trainer scores that student from
+    its own logits (no hidden-state shortcut that would bypass the adapter), so the head's values get a gradient."""
+    from peft import get_peft_model
+
+    from sparse_opd_peft import SparseOPDConfig
+
+    student = tiny_model(0)
+    w = student.lm_head.weight
+    mask = {"lm_head": torch.rand(w.shape, generator=torch.Generator().manual_seed(0)) < 0.2}
+    pm = get_peft_model(student, SparseOPDConfig(mask=mask))
+    values = dict(pm.named_parameters())["base_model.model.lm_head.sparse_opd_values.default"]
+    before = values.detach().clone()
+    trainer = make_trainer(pm, cfg=make_cfg(loss="full_kl", num_generations=1))
+    trainer.train()
+    assert trainer._student_scorer.head is None and trainer._teacher_scorer.head is not None
+    assert (values.detach() - before).abs().max() > 1e-4
