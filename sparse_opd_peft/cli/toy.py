@@ -79,7 +79,10 @@ def study(
 ) -> None:
     """The papers' findings reproduced side by side on the toy world: writes study.json, study.md and plots."""
     from ..lab.study import SECTIONS, StudyConfig, run_study
+    from ..workflow.sources import quiet_library_warnings
 
+    if quiet:
+        quiet_library_warnings()  # no per-save / per-load bars; the workers do the same
     with cli_errors():
         cfg = StudyConfig(
             out=str(out), cache_dir=str(cache_dir) if cache_dir else None, seeds=seeds, steps=steps,

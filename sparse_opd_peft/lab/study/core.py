@@ -381,6 +381,10 @@ def _sections_in_worker(config_dict: dict[str, Any], names: list[str]) -> None:
 
     config = StudyConfig(**{**config_dict, "sections": tuple(names), "workers": 1})
     torch.set_num_threads(config.threads)
+    if not config.progress:  # a spawned process does not inherit the parent's logging settings
+        from ...workflow.sources import quiet_library_warnings
+
+        quiet_library_warnings()
     ctx = StudyContext(config)
     for name in names:
         importlib.import_module(f"{__package__}.{name}").run(ctx)
