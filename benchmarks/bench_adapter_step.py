@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
-from sparse_opd_peft.atomic import write_text_atomic
+from sparse_opd_peft.atomic import write_json_atomic, write_text_atomic
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -297,7 +296,7 @@ def main() -> None:
     )
 
     def write(res: dict) -> None:
-        write_text_atomic(out / f"{name}.json", json.dumps(res, indent=1) + "\n")
+        write_json_atomic(out / f"{name}.json", res)
         write_text_atomic(out / f"{name}.md", to_markdown(res, command))
 
     res = run(p, args.only.split(",") if args.only else None, args.rounds or p["rounds"], write)

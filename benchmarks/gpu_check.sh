@@ -11,7 +11,7 @@
 # budget <= 8 minutes in all (each part below has its own timeout; a part that fails or times out is recorded in
 # status.json and the others still run).
 #
-# Parts: (a) tests/test_cuda_kernels.py + tests/test_layer_math.py; (b) benchmarks/bench_adapter_step.py: Qwen3
+# Parts: (a) tests/tuner/test_cuda_kernels.py + tests/tuner/test_layer_math.py; (b) benchmarks/bench_adapter_step.py: Qwen3
 # hidden 2048 x 8 layers, batch 8 x 1024, bf16: ours at 1 / 5 / 20 % (grad paths dense_rows and sampled) vs peft
 # LoRA r16, SHiRA and Super-Tuning with the same coordinates, full fine-tuning (step time, peak memory);
 # (c) bitsandbytes 8-bit / 4-bit bases: train, merge, unmerge; (d) 20 OPDTrainer steps on the shipped toy world.
@@ -42,12 +42,12 @@ part() {  # part NAME TIMEOUT_S COMMAND...: run with a timeout, log to OUT/NAME.
 }
 
 if [ "$MODE" = gpu ]; then
-  part tests 120 "$PY" -m pytest -p no:warnings -q tests/test_cuda_kernels.py tests/test_layer_math.py
+  part tests 120 "$PY" -m pytest -p no:warnings -q tests/tuner/test_cuda_kernels.py tests/tuner/test_layer_math.py
   part step 210 "$PY" benchmarks/bench_adapter_step.py --preset gpu --out-dir "$OUT"
   part bnb 60 "$PY" benchmarks/gpu_check_extras.py bnb --device cuda --out "$OUT"
   part opd 90 "$PY" benchmarks/gpu_check_extras.py opd --device cuda --steps 20 --out "$OUT"
 else
-  part tests 300 "$PY" -m pytest -p no:warnings -q tests/test_cuda_kernels.py tests/test_layer_math.py
+  part tests 300 "$PY" -m pytest -p no:warnings -q tests/tuner/test_cuda_kernels.py tests/tuner/test_layer_math.py
   part step 300 "$PY" benchmarks/bench_adapter_step.py --preset tiny --device cpu --out-dir "$OUT"
   part bnb 120 "$PY" benchmarks/gpu_check_extras.py bnb --device cpu --out "$OUT"
   part opd 300 "$PY" benchmarks/gpu_check_extras.py opd --device cpu --steps 3 --out "$OUT"

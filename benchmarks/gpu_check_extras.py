@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 import traceback
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from sparse_opd_peft.atomic import write_text_atomic
+from sparse_opd_peft.atomic import write_json_atomic, write_text_atomic
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -90,7 +91,7 @@ def run_bnb(device: str, out: Path) -> dict:
                 res[kind] = bnb_one(kind, device, Path(tmp))
             except Exception as e:  # recorded, the other parts still run
                 res[kind] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
-    write_text_atomic(out / "bnb.json", json.dumps(res, indent=1) + "\n")
+    write_json_atomic(out / "bnb.json", res)
     return res
 
 
@@ -112,9 +113,9 @@ def run_opd(device: str, steps: int, out: Path) -> dict:
         "device_requested": device, "device": str(next(p for p in model.parameters() if p.requires_grad).device),
         "steps": len(hist), "train_seconds": secs, "total_seconds": time.perf_counter() - t0,
         "first_kl": kls[0] if kls else None, "last_kl": kls[-1] if kls else None,
-        "finite": all(v == v and abs(v) != float("inf") for v in kls),
+        "finite": all(math.isfinite(v) for v in kls),
     }  # fmt: skip
-    write_text_atomic(out / "opd.json", json.dumps(res, indent=1) + "\n")
+    write_json_atomic(out / "opd.json", res)
     return res
 
 
@@ -130,7 +131,7 @@ def summarize(out: Path) -> dict:
         "tests_tail": (out / "tests.log").read_text()[-600:] if (out / "tests.log").exists() else None,
         "step": step, "bnb": _load(out / "bnb.json"), "opd": _load(out / "opd.json"),
     }  # fmt: skip
-    write_text_atomic(out / "gpu_check.json", json.dumps(res, indent=1) + "\n")
+    write_json_atomic(out / "gpu_check.json", res)
     lines = [f"# gpu_check on {res['device']} (torch {res['torch']})", ""]
     lines += ["| part | exit code |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in (res["status"] or {}).items()]
     lines += ["", "## tests (tail)", "```", (res["tests_tail"] or "").strip(), "```", ""]

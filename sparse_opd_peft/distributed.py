@@ -32,16 +32,18 @@ __all__ = ["is_sharded", "save_sharded_adapter", "sharded_adapter_state_dict"]
 
 def is_sharded(model: nn.Module) -> bool:
     """True when any parameter of ``model`` is a ``torch.distributed.tensor.DTensor`` (FSDP2 / tensor parallel)."""
-    from torch.distributed.tensor import DTensor
+    from .tuner.model import is_dtensor
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def _adapter_prefixes(model: nn.Module) -> tuple[str, ...]:
     """Name fragments of the adapter's own parameters: the tuner's prefix (``sparse_opd_``, ``lora_``, ...) and
     peft's ``modules_to_save`` copies."""
     tuner = getattr(model, "base_model", None)
-    prefix = getattr(tuner, "prefix", None) or "sparse_opd_"
+    from .tuner.peft_type import PREFIX
+
+    prefix = getattr(tuner, "prefix", None) or PREFIX
     return (prefix, ".modules_to_save.")
 
 

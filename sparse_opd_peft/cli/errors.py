@@ -16,13 +16,17 @@ def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
     raise typer.Exit(code)
 
 
+# the package's expected errors: one ``error:`` line, exit 2 (anything else is a bug and keeps its traceback)
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, TypeError)
+
+
 @contextmanager
 def cli_errors():
     """Map the package's expected errors (missing files, mismatched checkpoints, non-finite weights, existing
     outputs, bad arguments) to :func:`fail`."""
     try:
         yield
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, TypeError) as err:
+    except EXPECTED_ERRORS as err:
         fail(str(err))
     except KeyError as err:
         fail(str(err.args[0]) if err.args else repr(err))

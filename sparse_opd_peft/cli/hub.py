@@ -11,10 +11,8 @@ from pathlib import Path
 
 import typer
 
-from .errors import cli_errors, fail
+from .errors import EXPECTED_ERRORS, cli_errors, fail
 from .options import Command, flag
-
-_PASS_THROUGH = (ValueError, TypeError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
 def _upload_failure(repo_id: str, err: BaseException) -> str:
@@ -63,7 +61,7 @@ def push(
                 adapter, repo_id, revision=revision, private=True if private else None, commit_message=commit_message,
                 token=token, create_pr=create_pr, dry_run=dry_run,
             )  # fmt: skip
-        except _PASS_THROUGH:
+        except EXPECTED_ERRORS:
             raise
         except Exception as err:  # noqa: BLE001 - huggingface_hub / HTTP failures become one clear line
             fail(_upload_failure(repo_id, err))

@@ -260,7 +260,7 @@ def _merge(world, cfg: DemoConfig, out: Path, adapter_model, diagnostics) -> tup
     return merged_acc, merge_diff, visibility
 
 
-def _markdown(summary: dict, cfg: DemoConfig, world, mask) -> str:
+def _markdown(summary: dict, cfg: DemoConfig, world) -> str:
     """``demo.md`` of a run's summary (``demo.json``)."""
     world_line = f"toy world `{world.key}`" + (
         " (shipped with the package)"
@@ -284,8 +284,8 @@ def _markdown(summary: dict, cfg: DemoConfig, world, mask) -> str:
     lines += [
         "",
         f"Merged adapter (merge_and_unload): {100 * merged_acc:.1f} %. bf16-visible share of the adapter delta: "
-        f"{100 * visibility:.1f} %. Mask density {100 * mask.density():.1f} % "
-        f"(FFN share of coordinates {100 * mask.type_stats()['ffn']['share_of_nnz']:.1f} %).",
+        f"{100 * visibility:.1f} %. Mask density {100 * summary['mask']['density']:.1f} % "
+        f"(FFN share of coordinates {100 * summary['mask']['by_type']['ffn']['share_of_nnz']:.1f} %).",
         "",
         "Diagnostics of W0 -> W+ (full OPD): see `diagnostics/report.md` and `diagnostics/trajectory/`.",
         "",
@@ -339,5 +339,5 @@ def run_demo(cfg: DemoConfig) -> dict:
         "verdicts": claims,
     }
     write_text_atomic(out / "demo.json", json.dumps(summary, indent=2, default=str))
-    write_text_atomic(out / "demo.md", _markdown(summary, cfg, world, mask))
+    write_text_atomic(out / "demo.md", _markdown(summary, cfg, world))
     return summary

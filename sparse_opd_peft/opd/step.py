@@ -118,14 +118,6 @@ class StepMixin:
             return None
         return L.token_keep_weights(gap, b.rollout.completion_mask, cfg.token_keep, cfg.token_keep_ratio, b.keep_scores)
 
-    def _opd_advantages(
-        self, lp_s: torch.Tensor, lp_t: torch.Tensor, mask: torch.Tensor, keep_w: Optional[torch.Tensor]
-    ) -> torch.Tensor:
-        cfg = self.config
-        return L.sampled_token_advantages(
-            lp_s, lp_t, mask, cfg.discount, keep_w, cfg.sampled_token_clip, cfg.sampled_token_prefix_gamma
-        )
-
     # ------------------------------------------------------------------ the student's side
     def _student(self, ro: Rollout, teacher: dict, grad: tuple[str, ...]) -> L.HeadOutputs:
         """:func:`~.losses.head_objectives` of the student at the completion tokens, against ``teacher``
@@ -150,7 +142,10 @@ class StepMixin:
                 ro, mask = b.rollout, b.rollout.completion_mask
                 lp_s = _grid(self._student(ro, {}, ()).logprobs, mask)
                 b.teacher_lp = self._teacher_token_logprobs(ro)
-                b.opd_adv = self._opd_advantages(lp_s, b.teacher_lp, mask, self._keep_weights(b, lp_s - b.teacher_lp))
+                keep = self._keep_weights(b, lp_s - b.teacher_lp)
+                b.opd_adv = L.LossInputs(
+                    lp_s, None, b.teacher_lp, mask, keep, None, None, cfg
+                ).sampled_token_advantages()
                 c = mask.shape[1]
                 total[:c] += b.opd_adv.double().sum(0)
                 count[:c] += mask.sum(0).double()
@@ -181,7 +176,8 @@ class StepMixin:
         lp_s = _grid(out.logprobs, mask)
         div = None if out.divergence is None else _grid(out.divergence, mask)
         gap = _grid(out.gap, mask) if out.gap is not None else None if lp_t is None else (lp_s.detach() - lp_t) * mask
-        x = L.LossInputs(lp_s, div, lp_t, mask, self._keep_weights(b, gap), b.rlvr_adv, b.opd_adv, cfg)
+        keep = None if b.opd_adv is not None else self._keep_weights(b, gap)  # the pre-pass applied it already
+        x = L.LossInputs(lp_s, div, lp_t, mask, keep, b.rlvr_adv, b.opd_adv, cfg)
         loss = spec.objective(x)
         stats = {"loss": float(loss.detach())}
         if gap is not None:

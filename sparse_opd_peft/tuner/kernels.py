@@ -117,11 +117,7 @@ def transposed_input(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     hit = getattr(_LOCAL, "xt", None)
     if hit is not None and hit[1] == (_key(x), dtype):
         return hit[2]
-    if x.device.type == "cpu":
-        xt = scratch("xt", (x.shape[1], x.shape[0]), dtype, x.device)
-    else:
-        xt = torch.empty((x.shape[1], x.shape[0]), dtype=dtype, device=x.device)
-    xt.copy_(x.t())
+    xt = scratch("xt", (x.shape[1], x.shape[0]), dtype, x.device).copy_(x.t())
     _LOCAL.xt = (x, (_key(x), dtype), xt)
     end_of_backward()
     return xt

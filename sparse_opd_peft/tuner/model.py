@@ -14,15 +14,14 @@ from ..visibility import visibility_summary
 from .config import CONFIG_FORMAT_VERSION
 from .layer import Linear, SparseOPDLayer
 from .plan import build_plan, summarize_metadata
+from .storage import ADAPTER_PARAMS, VALUE_DTYPES
 
-_SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_KEYS = ("sparse_opd_values", "sparse_opd_indices", "sparse_opd_bitmask", "sparse_opd_coeff", "sparse_opd_basis")
 VISIBILITY_WARN_SHARE = 0.5
 
 
 def _split_key(key: str) -> tuple[str, str, str]:
     """``"<module>.<param>[.<adapter>]"`` -> (module, param, rest) for our param names; ("", "", "") otherwise."""
-    for param in _KEYS:
+    for param in ADAPTER_PARAMS:
         marker = f".{param}"
         if marker in key:
             module, _, rest = key.partition(marker)
@@ -172,11 +171,11 @@ class SparseOPDModel(BaseTuner):
         refresh_metadata(model, config, adapter_name)
         config.format_version = CONFIG_FORMAT_VERSION  # what is written now, also for an adapter loaded from format 1
         raw = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
-        save_dtype = _SAVE_DTYPES[config.save_dtype]
+        save_dtype = VALUE_DTYPES[config.save_dtype]
         out = {}
         for key, value in raw.items():
             module, param, rest = _split_key(key)
-            if _is_dtensor(value):
+            if is_dtensor(value):
                 raise ValueError(
                     f"adapter '{adapter_name}' is sharded ({key} is an FSDP2 DTensor): save_pretrained cannot write "
                     "shards; call sparse_opd_peft.distributed.save_sharded_adapter(model, directory) on every rank"
@@ -268,27 +267,7 @@ class SparseOPDModel(BaseTuner):
         return model
 
 
-def unpack_state_dict(config, state_dict: dict[str, torch.Tensor], source: str = "adapter_model.safetensors") -> dict:
-    """Check a saved adapter state dict against ``config`` and decode its coordinates (bitmask, int32
-    indices or a coded uint8 stream) into ``sparse_opd_indices`` tensors (see :func:`.storage.decode_adapter_state` for every check).
-
-    Args:
-        config: the adapter's ``SparseOPDConfig``.
-        state_dict: ``{key: tensor}`` of ``adapter_model.safetensors``: ``values`` (nnz,) and ``coeff`` (out, r) in
-            ``save_dtype``, ``basis`` (in, r) float, coordinates as ``uint8`` bitmask or ``int32`` indices.
-        source: the file, for error messages.
-
-    Raises:
-        ValueError / TypeError: naming ``source`` and the module.
-    """
-    from .files import check_adapter_metadata
-    from .storage import decode_adapter_state
-
-    check_adapter_metadata(config, "adapter_config.json")
-    return decode_adapter_state(config, state_dict, source)
-
-
-def _is_dtensor(value) -> bool:
+def is_dtensor(value) -> bool:
     """Whether ``value`` is a ``torch.distributed.tensor.DTensor`` (a shard of an FSDP2 / tensor-parallel model)."""
     if not torch.distributed.is_available():
         return False

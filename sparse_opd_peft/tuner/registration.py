@@ -8,9 +8,9 @@ of its own is used as is.
 
 from __future__ import annotations
 
-from .peft_type import PEFT_NAME, PEFT_TYPE, PREFIX, _ensure_peft_type_member
+from .peft_type import PEFT_NAME, PEFT_TYPE, PREFIX
 
-__all__ = ["PEFT_NAME", "PEFT_TYPE", "PREFIX", "_ensure_peft_type_member", "register"]
+__all__ = ["PEFT_NAME", "PEFT_TYPE", "PREFIX", "register"]
 
 
 def register() -> None:

@@ -258,7 +258,7 @@ class SparseDeltaLinear(torch.autograd.Function):
         ctx.specs, ctx.grad_path, ctx.block_bytes = specs, grad_path, block_bytes
         ctx.shape = (out_features, in_features)
         ctx.has_weight = weight is not None
-        ctx.patterns = _patterns(x, specs, grad_path, tensors, (out_features, in_features))
+        ctx.patterns = _patterns(x, specs, grad_path, tensors, (out_features, in_features), ctx.needs_input_grad)
         ctx.save_for_backward(x, weight, bias, *tensors)
         return y
 
@@ -311,20 +311,22 @@ class SparseDeltaLinear(torch.autograd.Function):
 
 
 def _patterns(
-    x: torch.Tensor, specs: tuple, grad_path: str, tensors: tuple, shape: tuple[int, int]
+    x: torch.Tensor, specs: tuple, grad_path: str, tensors: tuple, shape: tuple[int, int], needs: tuple[bool, ...]
 ) -> list[tuple | None]:
-    """Per spec, the cached CSR pattern when its ``d values`` will use the CPU sampled kernel, else None (looked up
+    """Per spec, the cached CSR pattern when its ``d values`` will be computed (``needs``: the forward's
+    ``ctx.needs_input_grad``; nothing under no_grad / inference) with the CPU sampled kernel, else None (looked up
     in forward, where ``indices`` is the layer's own buffer object, the cache's key)."""
     patterns: list[tuple | None] = []
     pos = 0
     for spec in specs:
         pattern = None
         if spec.sparse:
-            indices = tensors[pos + 1]
-            probe = x.new_empty((0, shape[0]))
-            path = resolve_path(spec.grad_path or grad_path, probe, indices.numel(), shape[1])
-            if path == "sampled" and x.device.type == "cpu":
-                pattern = csr_pattern(indices, shape[0], shape[1])
+            if needs[8 + pos]:  # the values' slot among forward's inputs (8 fixed arguments first)
+                indices = tensors[pos + 1]
+                probe = x.new_empty((0, shape[0]))
+                path = resolve_path(spec.grad_path or grad_path, probe, indices.numel(), shape[1])
+                if path == "sampled" and x.device.type == "cpu":
+                    pattern = csr_pattern(indices, shape[0], shape[1])
             pos += 2
         if spec.subspace:
             pos += 2

@@ -197,19 +197,6 @@ def build_student(student, kind: str, mask, basis, job: TrainJob):
     return student
 
 
-def _record_training(model, recipe: dict) -> bool:
-    """Store the recipe in the adapter config's ``training`` field when this version of the package has one."""
-    try:
-        from .. import model_card
-    except ImportError:
-        return False
-    config = getattr(model, "peft_config", {}).get("default")
-    if not hasattr(model_card, "record_training") or not hasattr(config, "training"):
-        return False
-    model_card.record_training(model, recipe, "default")
-    return True
-
-
 @dataclass
 class _Plan:
     """The checked flags of a job: adapter kind, ``OPDConfig``, resume directory."""
@@ -274,7 +261,7 @@ def _load_inputs(job: TrainJob, echo: Callable[[str], None]) -> dict:
 
 def _load_teacher(job: TrainJob, cfg, model_dtype):
     """``(teacher model, teacher tokenizer or None)``, or ``(None, None)`` when the loss needs no teacher."""
-    if not (job.teacher and (cfg.needs_teacher or cfg.loss != "sft")):
+    if not (job.teacher and (cfg.needs_teacher or cfg.spec.rollouts)):
         return None, None
     teacher = job.teacher
     model = load_causal_lm(teacher, "--teacher", model_dtype, job.trust_remote_code).eval()
@@ -353,10 +340,12 @@ def _save_outputs(job: TrainJob, plan: _Plan, trainer, history: list[dict]) -> T
             trained.save_pretrained(tmp)
             trainer.tokenizer.save_pretrained(tmp)
     else:
-        from ..model_card import save_adapter
+        from ..model_card import record_training, save_adapter
 
         target = out / "adapter"
-        recorded = _record_training(trained, recipe)
+        recorded = kind == "sparse_opd"  # its config has a ``training`` field; LoRA's has none
+        if recorded:
+            record_training(trained, recipe, "default")
         with staged_dir(target) as tmp:
             save_adapter(trained, tmp)
         recipe["recorded_in_adapter_config"] = recorded

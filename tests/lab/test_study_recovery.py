@@ -8,19 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _study_utils import numbers
 
 from sparse_opd_peft.lab.study import StudyConfig, StudyContext, recovery, recovery_extra, subspace
-
-
-def _finite_numbers(obj, where="data"):
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from _finite_numbers(v, f"{where}.{k}")
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from _finite_numbers(v, f"{where}[{i}]")
-    elif isinstance(obj, float):
-        yield where, obj
 
 
 def _forbid(*_args, **_kwargs):
@@ -58,9 +48,9 @@ def test_sections_fields_and_plots(sections):
         for p in sec.plots:
             assert (Path(ctx.out) / p).is_file() and (Path(ctx.out) / p).stat().st_size > 1000
     assert {Path(p).name for p in rec.plots} == {"recovery_curves.png", "recovery_optim.png", "recovery_lowlr.png"}
-    for where, x in _finite_numbers(rec.data):
+    for where, x in numbers(rec.data):
         assert math.isfinite(x), where
-    for where, x in _finite_numbers(sub.data):
+    for where, x in numbers(sub.data):
         assert math.isfinite(x), where
 
 

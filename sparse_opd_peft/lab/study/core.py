@@ -120,6 +120,14 @@ def base_run_config(config: StudyConfig) -> Any:
     return ToyRunConfig(task=config.task, opd=opd)
 
 
+def block_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """``{module name: (out, in)}`` of the block Linear layers (the modules every mask / LoRA here targets)."""
+    from ...diagnostics.sources import is_block_linear
+
+    return {n[: -len(".weight")]: (int(p.shape[0]), int(p.shape[1])) for n, p in model.named_parameters()
+            if is_block_linear(n, p.shape)}  # fmt: skip
+
+
 @dataclass
 class RenderInfo:
     """What a section's markdown needs besides its own data; built from a live study (:meth:`from_context`) or from
@@ -164,11 +172,7 @@ class RenderInfo:
     @classmethod
     def from_context(cls, ctx: StudyContext) -> RenderInfo:
         """The live study's settings, world and run store (as they are now)."""
-        from ...diagnostics.sources import is_block_linear
-
-        student = ctx.world.load_student()
-        shapes = {n[: -len(".weight")]: (int(p.shape[0]), int(p.shape[1])) for n, p in student.named_parameters()
-                  if is_block_linear(n, p.shape)}  # fmt: skip
+        shapes = block_linears(ctx.world.student)
         runs = {p.stem: json.loads(p.read_text()) for p in sorted(ctx.runs_dir.glob("*.json"))}
         widths = {name: task.answer_width for name, task in ctx.world.tasks.items()}
         return cls(ctx.config, ctx.world.accuracies, shapes, widths, runs, ctx.world.key)
@@ -360,12 +364,11 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     for name in config.sections:
         module = importlib.import_module(f"{__package__}.{name}")
         sections.append(module.run(ctx))
-    world = ctx.world
+    world, info = ctx.world, RenderInfo.from_context(ctx)
     summary = {
         "config": asdict(config),
-        "world": {"key": world.key, "accuracies_at_build": world.accuracies,
-                  **RenderInfo.from_context(ctx).world_facts()},
-        "runs": {p.stem: json.loads(p.read_text()) for p in sorted(ctx.runs_dir.glob("*.json"))},
+        "world": {"key": world.key, "accuracies_at_build": world.accuracies, **info.world_facts()},
+        "runs": info.runs,
         "sections": {s.name: {"title": s.title, "data": s.data, "plots": s.plots} for s in sections},
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }  # fmt: skip

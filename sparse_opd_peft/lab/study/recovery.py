@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import torch
 
-from .core import RenderInfo, Section, StudyContext, json_roundtrip, mean_std
+from .core import RenderInfo, Section, StudyContext, block_linears, json_roundtrip, mean_std
 
 DENSITIES = (0.05, 0.10, 0.20, 0.45)
 PRIMARY_DENSITIES = (0.20, 0.45)  # top-k and random rows at config.seeds; the other densities at SECONDARY_SEEDS
@@ -94,13 +94,6 @@ def block_only_student(load: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     for name, p in model.named_parameters():
         p.requires_grad_(is_block_linear(name, tuple(p.shape)))
     return model
-
-
-def block_linears(model: torch.nn.Module) -> dict[str, tuple[int, int]]:
-    """``{module name: (out, in)}`` of the block Linear layers (the modules every mask / LoRA here targets)."""
-    from ...diagnostics.sources import is_block_linear
-
-    return {n[: -len(".weight")]: tuple(p.shape) for n, p in model.named_parameters() if is_block_linear(n, p.shape)}
 
 
 def low_magnitude_like(mask: Any, anchor: torch.nn.Module) -> Any:

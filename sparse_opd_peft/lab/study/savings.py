@@ -24,6 +24,7 @@ from typing import Any
 
 from . import predictors as P
 from .core import RenderInfo, Section, StudyContext, json_roundtrip, mean_std
+from .recovery import lora_rank
 from .savings_measure import _measure_all  # called through this module (tests replace it here)
 
 METHODS = ("full", "masked", "lora")
@@ -49,9 +50,8 @@ def _qwen_mask(qwen: dict[str, Any], density: float, path: Path):
     return mask
 
 
-def _lora_rank(mask) -> int:
-    """LoRA rank with about ``mask.nnz()`` trainable parameters over the mask's modules."""
-    return max(1, round(mask.nnz() / sum(sum(mask.shape(n)) for n in mask)))
+def _shapes(mask) -> dict[str, tuple[int, int]]:
+    return {n: mask.shape(n) for n in mask}
 
 
 def bench(ctx: StudyContext) -> dict[str, Any]:
@@ -69,9 +69,9 @@ def bench(ctx: StudyContext) -> dict[str, Any]:
         qmask = _qwen_mask(qwen, P.DENSITY, adir / "qwen_mask.safetensors")
         run_cfg = ctx.base.with_(seed=0, progress_bar=False).to_dict()
         common = {"threads": ctx.config.threads, "world": str(ctx.world.path), "run": run_cfg, "qwen": qwen}
-        specs = {"toy": {"mask": str(adir / "toy_mask.safetensors"), "lora_r": _lora_rank(toy_mask),
+        specs = {"toy": {"mask": str(adir / "toy_mask.safetensors"), "lora_r": lora_rank(toy_mask.nnz(), _shapes(toy_mask)),
                          "steps": steps, "warmup": warmup},
-                 "qwen": {"mask": str(adir / "qwen_mask.safetensors"), "lora_r": _lora_rank(qmask),
+                 "qwen": {"mask": str(adir / "qwen_mask.safetensors"), "lora_r": lora_rank(qmask.nnz(), _shapes(qmask)),
                           "steps": qsteps[0], "warmup": qsteps[1]}}  # fmt: skip
         # interleaved repeats, so that a burst of load on the machine hits every method alike
         order = [(m, k) for _ in range(repeats) for m in specs for k in METHODS]

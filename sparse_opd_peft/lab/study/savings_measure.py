@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..continual import dir_bytes
+
 _PRELOAD = ["torch", "transformers", "peft", "accelerate", "sparse_opd_peft", "sparse_opd_peft.opd"]
 
 
@@ -34,10 +36,6 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
-
-
-def _bytes_of(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _wrap(model, method: str, mask, lora_r: int):
@@ -119,8 +117,7 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
     model = getattr(model, "module", model)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
-        file_bytes = _bytes_of(Path(tmp))
-        weights_bytes = sum(f.stat().st_size for f in Path(tmp).rglob("*.safetensors"))
+        file_bytes, weights_bytes = dir_bytes(tmp, "*"), dir_bytes(tmp)
     return {"model": spec["model"], "method": spec["method"], "trainable": trainable, "step_s": st.median(times),
             "step_times": times, "peak_growth_mb": growth_kb / 1024, "peak_via": "VmHWM" if hwm_ok else "ru_maxrss",
             "optimizer_state_bytes": opt_bytes, "file_bytes": file_bytes,

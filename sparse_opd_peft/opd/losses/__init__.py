@@ -34,7 +34,7 @@ from .advantages import (
 )
 from .head import HeadOutputs, head_logits_fn, head_objectives, head_teacher_signal
 from .kl import full_reverse_kl, teacher_topk_logprobs, token_logprobs, topk_reverse_kl
-from .registry import LOSS_SPECS, TEACHER_SIGNALS, LossInputs, LossSpec, loss_spec
+from .registry import LOSS_SPECS, TEACHER_SIGNALS, LossInputs, LossSpec
 
 __all__ = [
     "LOSS_SPECS",
@@ -50,7 +50,6 @@ __all__ = [
     "head_teacher_signal",
     "iw_prefix_weights",
     "leave_one_out_baseline",
-    "loss_spec",
     "mix_advantages",
     "policy_gradient_loss",
     "reverse_kl_estimate",

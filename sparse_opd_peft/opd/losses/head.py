@@ -68,13 +68,7 @@ def project_blocks(
     dtype = torch.promote_types(hidden.dtype, torch.float32)
     for s in range(0, hidden.shape[0], chunk):
         e = min(hidden.shape[0], s + chunk)
-        if weight is None:
-            z = hidden[s:e, :vocab_size].to(dtype, copy=True)
-        else:
-            w = weight[:vocab_size]
-            h = hidden[s:e].to(device=w.device, dtype=w.dtype)
-            z = F.linear(h, w, None if bias is None else bias[:vocab_size]).to(dtype)
-        yield s, e, z
+        yield s, e, _project(hidden, weight, bias, s, e, vocab_size).to(dtype, copy=weight is None)
 
 
 def head_logits_fn(
@@ -97,12 +91,20 @@ def head_logits_fn(
     """
 
     def fn(s: int, e: int) -> torch.Tensor:
-        if weight is None:
-            return hidden[s:e, :vocab_size].to(device, copy=True)
-        h = hidden[s:e].to(device=weight.device, dtype=weight.dtype)
-        return F.linear(h, weight[:vocab_size], None if bias is None else bias[:vocab_size]).to(device)
+        return _project(hidden, weight, bias, s, e, vocab_size).to(device, copy=weight is None)
 
     return fn
+
+
+def _project(
+    hidden: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], s: int, e: int, v: int
+) -> torch.Tensor:
+    """``(e - s, v)`` logits of rows ``s:e``: ``hidden`` itself when ``weight`` is None (a view: copy before writing),
+    else ``hidden[s:e] @ weight[:v]ᵀ + bias[:v]`` on the weight's device, in its dtype."""
+    if weight is None:
+        return hidden[s:e, :v]
+    h = hidden[s:e].to(device=weight.device, dtype=weight.dtype)
+    return F.linear(h, weight[:v], None if bias is None else bias[:v])
 
 
 def _log_softmax_(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -177,13 +179,13 @@ def _block(z: torch.Tensor, s: int, e: int, spec: _Spec, sink: Callable[[str, to
             sink("divergence", d.sub_(div[:, None]).mul_(p))
         del d, lt
     elif spec.topk is not None:
-        div, gap = _topk_block(ls, p, lp, y, s, e, spec, sink)
+        div, gap = _topk_block(ls, p, y, s, e, spec, sink)
     if "logprobs" in spec.grad:
         sink("logprobs", p.neg_().scatter_add_(-1, y, torch.ones_like(y, dtype=p.dtype)))
     return lp, div, gap
 
 
-def _topk_block(ls, p, lp, y, s, e, spec, sink) -> tuple[torch.Tensor, torch.Tensor]:
+def _topk_block(ls, p, y, s, e, spec, sink) -> tuple[torch.Tensor, torch.Tensor]:
     """The top-k reverse KL of a block (formula in :func:`head_objectives`); overwrites ``ls`` only if a gradient is
     wanted."""
     lt_k = spec.topk[0][s:e].to(ls)

@@ -17,7 +17,7 @@ import torch
 
 from .advantages import mix_advantages, policy_gradient_loss, sampled_token_advantages
 
-__all__ = ["TEACHER_SIGNALS", "LOSS_SPECS", "LossInputs", "LossSpec", "loss_spec"]
+__all__ = ["TEACHER_SIGNALS", "LOSS_SPECS", "LossInputs", "LossSpec"]
 
 # What an objective reads from the teacher, per completion position:
 #   "logits": its whole next-token distribution (a teacher in the training process);
@@ -123,10 +123,3 @@ LOSS_SPECS: dict[str, LossSpec] = {
     # A = α A_OPD + (1 - α) A_RLVR
     "mix": LossSpec("token", "logprobs", _mix, reward=True, advantages=True),
 }
-
-
-def loss_spec(name: str) -> LossSpec:
-    """The :class:`LossSpec` of ``name`` (``ValueError`` listing the known names otherwise)."""
-    if name not in LOSS_SPECS:
-        raise ValueError(f"unknown loss {name!r}; choose one of {list(LOSS_SPECS)}")
-    return LOSS_SPECS[name]
