@@ -14,7 +14,9 @@
 # Parts: (a) tests/tuner/test_cuda_kernels.py + tests/tuner/test_layer_math.py; (b) benchmarks/bench_adapter_step.py: Qwen3
 # hidden 2048 x 8 layers, batch 8 x 1024, bf16: ours at 1 / 5 / 20 % (grad paths dense_rows and sampled) vs peft
 # LoRA r16, SHiRA and Super-Tuning with the same coordinates, full fine-tuning (step time, peak memory);
-# (c) bitsandbytes 8-bit / 4-bit bases: train, merge, unmerge; (d) 20 OPDTrainer steps on the shipped toy world.
+# (c) bitsandbytes 8-bit / 4-bit bases: train, merge, unmerge; (d) 20 OPDTrainer steps on the shipped toy world;
+# (e) only with 2+ GPUs: the README's accelerate FSDP2 recipe (tests/_fsdp_accelerate_check.py on 2 GPUs: values
+# Shard(0), trained values == one process within 1e-3, save_sharded_adapter reloads; OUT/fsdp/fsdp_accelerate.json).
 # Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md (+ each part's own JSON / markdown / log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +48,12 @@ if [ "$MODE" = gpu ]; then
   part step 210 "$PY" benchmarks/bench_adapter_step.py --preset gpu --out-dir "$OUT"
   part bnb 60 "$PY" benchmarks/gpu_check_extras.py bnb --device cuda --out "$OUT"
   part opd 90 "$PY" benchmarks/gpu_check_extras.py opd --device cuda --steps 20 --out "$OUT"
+  if [ "$("$PY" -c "import torch; print(torch.cuda.device_count())")" -ge 2 ]; then
+    part fsdp 120 "$PY" -m accelerate.commands.launch --use_fsdp --fsdp_version 2 --num_processes 2 \
+      --fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP --fsdp_transformer_layer_cls_to_wrap Qwen3DecoderLayer \
+      --fsdp_reshard_after_forward true --fsdp_state_dict_type FULL_STATE_DICT --mixed_precision no \
+      tests/_fsdp_accelerate_check.py --out "$OUT/fsdp" --expect-sharded
+  fi
 else
   part tests 300 "$PY" -m pytest -p no:warnings -q tests/tuner/test_cuda_kernels.py tests/tuner/test_layer_math.py
   part step 300 "$PY" benchmarks/bench_adapter_step.py --preset tiny --device cpu --out-dir "$OUT"
@@ -56,7 +64,7 @@ fi
   echo "{"
   echo "  \"mode\": \"$MODE\","
   sep=""
-  for k in tests step bnb opd; do
+  for k in tests step bnb opd fsdp; do
     printf '%s  "%s": %s' "$sep" "$k" "${STATUS[$k]:-null}"
     sep=$',\n'
   done
@@ -66,3 +74,4 @@ fi
 "$PY" benchmarks/gpu_check_extras.py summarize --out "$OUT" > "$OUT/summarize.log" 2>&1
 echo "gpu_check: wrote $OUT/gpu_check.json and $OUT/gpu_check.md"
 for k in tests step bnb opd; do [ "${STATUS[$k]}" = 0 ] || exit 1; done
+[ -z "${STATUS[fsdp]:-}" ] || [ "${STATUS[fsdp]}" = 0 ] || exit 1  # absent (one GPU) or passed

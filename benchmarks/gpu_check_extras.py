@@ -130,6 +130,7 @@ def summarize(out: Path) -> dict:
         "torch": torch.__version__, "status": _load(out / "status.json"),
         "tests_tail": (out / "tests.log").read_text()[-600:] if (out / "tests.log").exists() else None,
         "step": step, "bnb": _load(out / "bnb.json"), "opd": _load(out / "opd.json"),
+        "fsdp": _load(out / "fsdp" / "fsdp_accelerate.json"),
     }  # fmt: skip
     write_json_atomic(out / "gpu_check.json", res)
     lines = [f"# gpu_check on {res['device']} (torch {res['torch']})", ""]
@@ -137,7 +138,9 @@ def summarize(out: Path) -> dict:
     lines += ["", "## tests (tail)", "```", (res["tests_tail"] or "").strip(), "```", ""]
     md_step = sorted(out.glob("adapter_step*.md"))
     lines += ["## step benchmark", "", md_step[0].read_text() if md_step else "(missing)", ""]
-    for part in ("bnb", "opd"):
+    for part in ("bnb", "opd", "fsdp"):
+        if part == "fsdp" and res[part] is None:
+            continue  # one GPU: the 2-GPU recipe did not run
         lines += [f"## {part}", "```json", json.dumps(res[part], indent=1)[:4000], "```", ""]
     write_text_atomic(out / "gpu_check.md", "\n".join(lines))
     return res

@@ -191,3 +191,21 @@ def test_gather_skips_frozen_base_weights_unless_an_adapter_is_frozen():
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith(".other"))
     keys = set(sharded_adapter_state_dict(model))
     assert set(model.state_dict()) <= keys | {k for k in model.state_dict() if "rotary" in k}
+
+
+def test_accelerate_recipe_script_runs_on_two_processes(tmp_path):
+    """``_fsdp_accelerate_check.py`` (the README's accelerate recipe that ``gpu_check.sh`` launches with FSDP2 on 2+
+    GPUs) runs end to end on 2 CPU processes (DDP over gloo): it trains, saves through ``save_sharded_adapter`` and
+    its reload matches the one-process reference."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "ACCELERATE_USE_CPU": "true"}
+    script = str(Path(__file__).with_name("_fsdp_accelerate_check.py"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), script]
+    done = subprocess.run([*cmd, "--out", str(tmp_path)], env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "fsdp_accelerate.json").read_text())
+    assert report["distributed_type"] == "DistributedType.MULTI_CPU" and report["num_processes"] == WORLD
+    assert report["ok"] and report["same_names"]
+    assert report["max_abs_value_diff"] <= 1e-5 < report["max_abs_value"]
+    assert report["max_abs_logit_diff"] <= 1e-4
+    assert len(report["losses"]) == 3 and all(torch.isfinite(torch.tensor(report["losses"])))
+    assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
