@@ -22,12 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from sparse_opd_peft.atomic import write_json_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -117,41 +117,32 @@ PROBE_VARIANTS = [
 def _toy():
     """The toy world's API (``sparse_opd_peft.lab.toy``)."""
     from sparse_opd_peft.lab.toy import heldout_accuracy, load_world
-    from sparse_opd_peft.lab.toy.runs import ToyRunConfig, opd_config, toy_reward_fn
+    from sparse_opd_peft.lab.toy.runs import ToyRunConfig, opd_config, opd_run
 
-    return load_world, ToyRunConfig, opd_config, toy_reward_fn, heldout_accuracy
+    return load_world, ToyRunConfig, opd_config, opd_run, heldout_accuracy
 
 
 def run_variant(world: Any, name: str, seed: int, steps: int, task: str, eval_samples: int, work: Path) -> dict:
     """One cached run of variant ``name`` (``VARIANTS``) with ``seed``: accuracy, KL trace and timings."""
-    from sparse_opd_peft.opd import OPDTrainer
-
     overrides, _ = VARIANTS[name]
     path = work / f"{name}_steps{steps}_s{seed}.json"
     if path.exists():
         cached = json.loads(path.read_text())
         if cached.get("overrides") == json.loads(json.dumps(overrides)):  # tuples come back as lists
             return cached
-    _, ToyRunConfig, opd_config, toy_reward_fn, heldout_accuracy = _toy()
-    run = ToyRunConfig(task=task).with_(loss="full_kl", steps=steps, seed=seed, progress_bar=False)
-    base = opd_config(world, run)
-    config = replace(base, **overrides)
-    t0 = time.perf_counter()
-    trainer = OPDTrainer(
-        world.load_student(), world.teacher, world.tokenizer, world.datasets[task]["train"], config,
-        reward_fn=toy_reward_fn(world, task),
-    )  # fmt: skip
-    history = trainer.train()
-    secs = time.perf_counter() - t0
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    _, ToyRunConfig, opd_config, opd_run, heldout_accuracy = _toy()
+    run = ToyRunConfig(task=task).with_(
+        **{"loss": "full_kl", "steps": steps, "seed": seed, "progress_bar": False, **overrides}
+    )
+    model, history, secs = opd_run(world.load_student(), world, run)
     kl = [h["kl"] for h in history]
     result = {
         "variant": name, "overrides": overrides, "seed": seed, "steps": steps, "task": task,
         "acc": heldout_accuracy(model, world, task, eval_samples),
         "kl_trace": {str(k): round(kl[k - 1], 4) for k in (1, 10, 20, 40, 80, 160, steps) if k <= len(kl)},
-        "train_seconds": round(secs, 1), "config": config.to_dict(),
+        "train_seconds": round(secs, 1), "config": opd_config(world, run).to_dict(),
     }  # fmt: skip
-    path.write_text(json.dumps(result, indent=1))
+    write_json_atomic(path, result)
     print(f"{name} seed {seed}: acc {100 * result['acc']:.1f} %, kl {result['kl_trace']}, {secs:.0f} s", flush=True)
     return result
 

@@ -29,7 +29,7 @@ from sparse_opd_peft.positions import (
     unpack_coordinates,
     validate_flat_indices,
 )
-from sparse_opd_peft.tuner.storage import safetensors_nbytes
+from sparse_opd_peft.safetensors_io import safetensors_nbytes
 
 RESULTS = Path(__file__).parent / "results" / "storage.md"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -95,26 +93,22 @@ def _trainer_class():
 def run_probe(world, probe: str, seed: int, steps: int) -> dict:
     """One run of ``probe`` with ``seed``: held-out accuracy and the per-token KL estimate at steps 1 / 40 / last."""
     from sparse_opd_peft.lab.toy import heldout_accuracy
-    from sparse_opd_peft.lab.toy.runs import ToyRunConfig, opd_config, toy_reward_fn
+    from sparse_opd_peft.lab.toy.runs import ToyRunConfig, opd_run
 
-    run = ToyRunConfig(task="add").with_(loss="full_kl", steps=steps, seed=seed, progress_bar=False)
-    config = replace(opd_config(world, run), loss="sampled_token", sampled_token_baseline="none")
-    if config.grad_accum != 1:
+    run = ToyRunConfig(task="add").with_(
+        loss="sampled_token", sampled_token_baseline="none", steps=steps, seed=seed, progress_bar=False
+    )
+    if run.opd.grad_accum != 1:
         raise SystemExit("the probes compute their baseline inside one micro-batch: grad_accum must be 1")
     cls = _trainer_class()
     cls.probe = probe
-    t0 = time.perf_counter()
-    trainer = cls(
-        world.load_student(), world.teacher, world.tokenizer, world.datasets["add"]["train"], config,
-        reward_fn=toy_reward_fn(world, "add"),
-    )  # fmt: skip
-    kl = [h["kl"] for h in trainer.train()]
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    model, history, secs = opd_run(world.load_student(), world, run, trainer_cls=cls)
+    kl = [h["kl"] for h in history]
     return {
         "probe": probe, "what": WHAT[probe], "seed": seed, "steps": steps, "world": world.key,
         "acc": heldout_accuracy(model, world, "add", 2000),
         "kl_1_40_last": [round(kl[0], 3), round(kl[min(39, len(kl) - 1)], 3), round(kl[-1], 3)],
-        "train_seconds": round(time.perf_counter() - t0, 1),
+        "train_seconds": round(secs, 1),
     }  # fmt: skip
 
 

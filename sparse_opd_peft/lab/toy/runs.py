@@ -98,8 +98,12 @@ def opd_run(
     world: ToyWorld,
     cfg: ToyRunConfig,
     checkpoint_dir: Optional[str | Path] = None,
+    trainer_cls: Optional[type] = None,
 ) -> tuple[torch.nn.Module, list[dict[str, float]], float]:
     """Train ``student`` (plain, LoRA- or SparseOPD-wrapped) on ``cfg.task`` with the world's teacher.
+
+    ``trainer_cls``: an :class:`~sparse_opd_peft.opd.OPDTrainer` subclass to train with (default ``OPDTrainer``;
+    e.g. a benchmark's probe objective).
 
     Returns:
         ``(trained model (unwrapped from accelerate), per-step history, wall-clock seconds)``.
@@ -108,7 +112,7 @@ def opd_run(
 
     config = opd_config(world, cfg, checkpoint_dir)
     data = world.datasets[cfg.task]
-    trainer = OPDTrainer(
+    trainer = (trainer_cls or OPDTrainer)(
         student,
         world.teacher,
         world.tokenizer,
