@@ -87,7 +87,8 @@ def sharded_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 class _SavesGathered:
     """What :func:`sparse_opd_peft.tuner.files.save_adapter` (the atomic directory writer) calls on rank 0: peft's
-    ``save_pretrained`` with the gathered state dict, then the SparseOPD model card from the written files."""
+    ``save_pretrained`` with the gathered state dict, then the SparseOPD model card from the written files
+    (:func:`sparse_opd_peft.model_card.write_model_card` with ``from_files=True``)."""
 
     def __init__(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
         self.model, self.state_dict = model, state_dict
@@ -95,36 +96,16 @@ class _SavesGathered:
     def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:
         fresh = not (Path(directory) / "README.md").is_file()
         self.model.save_pretrained(directory, state_dict=self.state_dict, is_main_process=True, **kwargs)
-        try:
-            _write_card_from_files(self.model, Path(directory), fresh, kwargs.get("selected_adapters"))
+        from .model_card import sparse_opd_adapters, write_model_card
+
+        selected = kwargs.get("selected_adapters")
+        names = [n for n in sparse_opd_adapters(self.model) if selected is None or n in selected]
+        if not names:
+            return
+        try:  # the card from the written files: bf16 visibility is not measured, the base weights stay sharded
+            write_model_card(self.model, directory, fresh, adapters=names, from_files=True)
         except Exception as err:  # noqa: BLE001 - a card problem must never lose the adapter being saved
             warnings.warn(f"could not write the SparseOPD model card ({type(err).__name__}: {err})", stacklevel=3)
-
-
-def _write_card_from_files(model: nn.Module, directory: Path, fresh: bool, selected: Optional[list[str]]) -> None:
-    """The SparseOPD section of ``directory/README.md`` as :func:`sparse_opd_peft.model_card.write_model_card` writes
-    it, built from the saved files (:func:`~sparse_opd_peft.model_card.card_block_for_directory`: bf16 visibility
-    not measured, since the base weights stay sharded)."""
-    import peft
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from ._version import __version__
-    from .atomic import write_text_atomic
-    from .model_card import apply_card_data, card_block_for_directory, replace_block, sparse_opd_adapters
-
-    names = [n for n in sparse_opd_adapters(model) if selected is None or n in selected]
-    if not names:
-        return
-    path = directory / "README.md"
-    if not path.is_file():
-        ModelCard.from_template(ModelCardData()).save(path)
-        fresh = True
-    card = ModelCard.load(path, ignore_metadata_errors=True)
-    block = card_block_for_directory(directory, {n: model.peft_config[n] for n in names})
-    versions = f"\n\n### Framework versions\n\n- PEFT {peft.__version__}\n- sparse_opd_peft {__version__}\n"
-    card.text = block + versions if fresh else replace_block(card.text, block)
-    apply_card_data(card, model.peft_config[names[0]].base_model_name_or_path)
-    write_text_atomic(path, str(card.content))
 
 
 def _flag_device() -> torch.device:

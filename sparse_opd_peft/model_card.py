@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -144,12 +144,13 @@ def merge_card(existing: str, new: str) -> str:
     return str(old.content)
 
 
-def card_block_for_model(model, repo_id: Optional[str] = None) -> str:
-    """Card block for every SparseOPD adapter of a ``PeftModel``: measures bf16 visibility and the file size."""
+def card_block_for_model(model, repo_id: Optional[str] = None, adapters: Optional[Sequence[str]] = None) -> str:
+    """Card block for the SparseOPD adapters ``adapters`` (default: all) of a ``PeftModel``: measures bf16
+    visibility and the file size."""
     from .tuner.model import bf16_visibility
 
     entries = []
-    for name in sparse_opd_adapters(model):
+    for name in sparse_opd_adapters(model) if adapters is None else adapters:
         entries.append({"name": name, "config": model.peft_config[name], "base": _base_name(model),
                         "visibility": bf16_visibility(model, name), "file_bytes": adapter_file_bytes(model, name)})  # fmt: skip
     return render_card_block(entries, repo_id)
@@ -166,7 +167,14 @@ def card_block_for_directory(directory: str | os.PathLike, configs: Mapping[str,
     return render_card_block(entries, repo_id)
 
 
-def write_model_card(model, output_dir: str | os.PathLike, fresh: Optional[bool] = None) -> Path:
+def write_model_card(
+    model,
+    output_dir: str | os.PathLike,
+    fresh: Optional[bool] = None,
+    *,
+    adapters: Optional[Sequence[str]] = None,
+    from_files: bool = False,
+) -> Path:
     """Add / refresh the SparseOPD section of ``output_dir/README.md`` for a ``PeftModel`` just saved there.
 
     Args:
@@ -174,15 +182,27 @@ def write_model_card(model, output_dir: str | os.PathLike, fresh: Optional[bool]
         output_dir: the directory ``model.save_pretrained`` wrote (its README.md is peft's card).
         fresh: True when there was no README before that save: peft's generic template text is then replaced by the
             section. Default: True when the README has no SparseOPD section yet and no text of its own.
+        adapters: the SparseOPD adapters the section describes (default: all of the model's); the first one's base
+            model goes into the card's metadata.
+        from_files: build the section from the files saved in ``output_dir``
+            (:func:`card_block_for_directory`: file sizes as written, bf16 visibility not measured) instead of
+            measuring the model; for a sharded model, whose base weights are not at hand
+            (:func:`sparse_opd_peft.distributed.save_sharded_adapter`).
 
     Returns:
         The README path.
+
+    Raises:
+        ValueError: no SparseOPD adapter to describe.
     """
     import peft
     from huggingface_hub import ModelCard, ModelCardData
 
     from ._version import __version__
 
+    names = sparse_opd_adapters(model) if adapters is None else list(adapters)
+    if not names:
+        raise ValueError(f"write_model_card: no SparseOPD adapter to describe (adapters: {adapters})")
     path = Path(output_dir) / "README.md"
     if not path.is_file():
         ModelCard.from_template(ModelCardData()).save(path)
@@ -190,12 +210,15 @@ def write_model_card(model, output_dir: str | os.PathLike, fresh: Optional[bool]
     card = ModelCard.load(path, ignore_metadata_errors=True)
     if fresh is None:
         fresh = CARD_BEGIN not in card.text and "More Information Needed" in card.text
-    block = card_block_for_model(model)
+    if from_files:
+        block = card_block_for_directory(output_dir, {name: model.peft_config[name] for name in names})
+    else:
+        block = card_block_for_model(model, adapters=names)
     if fresh:
         card.text = f"{block}\n\n### Framework versions\n\n- PEFT {peft.__version__}\n- sparse_opd_peft {__version__}\n"
     else:
         card.text = replace_block(card.text, block)
-    apply_card_data(card, model.peft_config[sparse_opd_adapters(model)[0]].base_model_name_or_path or _base_name(model))
+    apply_card_data(card, model.peft_config[names[0]].base_model_name_or_path or _base_name(model))
     write_text_atomic(path, str(card.content))
     return path
 

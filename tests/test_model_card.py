@@ -20,7 +20,7 @@ from sparse_opd_peft.model_card import (
     fingerprint_digest,
     write_model_card,
 )
-from sparse_opd_peft.tuner.storage import safetensors_nbytes
+from sparse_opd_peft.safetensors_io import safetensors_nbytes
 
 MASK_META = {"source": "org/sft-anchor", "tuned": "org/opd-run", "rule": "topk", "density": 0.1}
 RECIPE = {
@@ -177,3 +177,19 @@ def test_plain_save_pretrained_is_peft_s_own_and_write_model_card_adds_ours(tmp_
     text = (tmp_path / "README.md").read_text()
     assert text.count(CARD_BEGIN) == 1 and "More Information Needed" not in text
     assert f"{sum(model.peft_config['default'].module_nnz.values()):,} trained coordinates" in text
+
+
+def test_write_model_card_from_the_files_describes_the_chosen_adapters_without_visibility(tmp_path):
+    """``from_files=True`` (the sharded save's card): the section is built from the written files, bf16 visibility
+    not measured; ``adapters=`` limits it to the adapters named; a model-measured card is otherwise the same."""
+    model = sparse_model()
+    model.add_adapter("second", SparseOPDConfig(mask=SparseMask(random_mask(make_model(), density=0.1))))
+    model.save_pretrained(tmp_path)
+    measured = (write_model_card(model, tmp_path, fresh=True), (tmp_path / "README.md").read_text())[1]
+    text = write_model_card(model, tmp_path, fresh=True, adapters=["second"], from_files=True).read_text()
+    assert "## bf16 visibility of the trained delta\n\nNot measured" in text and "Not measured" not in measured
+    assert "## Adapter `default`" not in text and "`default`" in measured
+    size = (tmp_path / "second/adapter_model.safetensors").stat().st_size
+    assert f"`second/adapter_model.safetensors` | {size:,}" in text and f"| {size:,}" in measured
+    with pytest.raises(ValueError, match="no SparseOPD adapter"):
+        write_model_card(model, tmp_path, adapters=[])

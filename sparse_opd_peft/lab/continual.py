@@ -20,7 +20,7 @@ code: :mod:`sparse_opd_peft.masks.churn` and :func:`sparse_opd_peft.masks.mask_o
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -145,7 +145,8 @@ def _save_stage(trained: nn.Module, method: str, adapter_name: str, save_dir: Op
     """Bytes of the stage's artifact (the full model, or the new adapter only): the ``*.safetensors`` written to
     ``save_dir``, or computed without writing when it is None."""
     from ..model_card import save_adapter
-    from ..tuner.storage import adapter_file_bytes, safetensors_nbytes
+    from ..safetensors_io import safetensors_nbytes
+    from ..tuner.storage import adapter_file_bytes
 
     if save_dir is not None:
         save_dir = Path(save_dir)
@@ -192,18 +193,24 @@ def probe_mask(
     return mask, info
 
 
-def lora_rank_for(model: nn.Module, target_modules: Sequence[str], n_params: int) -> int:
-    """LoRA rank whose trainable-parameter count ``r · Σ(in + out)`` over ``target_modules`` is closest to
-    ``n_params`` (at least 1)."""
-    modules = dict(model.named_modules())
-    per_rank = 0
-    for name in target_modules:
-        m = modules[name]
-        base = m.get_base_layer() if hasattr(m, "get_base_layer") else m
-        per_rank += base.in_features + base.out_features
+def matched_lora_rank(n_params: int, shapes: Mapping[str, tuple[int, int]]) -> int:
+    """LoRA rank whose trainable-parameter count ``r · Σ(in + out)`` over the Linear ``shapes`` (``{name: (out,
+    in)}``) is closest to ``n_params`` (at least 1): the lab's one rule for a LoRA matched to a sparse budget."""
+    per_rank = sum(o + i for o, i in shapes.values())
     if per_rank == 0:
         raise ValueError("no target module")
     return max(1, int(round(n_params / per_rank)))
+
+
+def lora_rank_for(model: nn.Module, target_modules: Sequence[str], n_params: int) -> int:
+    """:func:`matched_lora_rank` over the ``target_modules`` of ``model`` (peft-wrapped ones: their base layer)."""
+    modules = dict(model.named_modules())
+    shapes = {}
+    for name in target_modules:
+        m = modules[name]
+        base = m.get_base_layer() if hasattr(m, "get_base_layer") else m
+        shapes[name] = (base.out_features, base.in_features)
+    return matched_lora_rank(n_params, shapes)
 
 
 def adapter_names(model: nn.Module) -> list[str]:

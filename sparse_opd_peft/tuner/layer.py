@@ -14,7 +14,8 @@ autograd function; bitsandbytes 8-bit / 4-bit bases compute ``base(x) + x ΔWᵀ
 from __future__ import annotations
 
 import warnings
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -25,6 +26,18 @@ from ..visibility import visible_update
 from . import bnb
 from .sparse_matmul import DeltaSpec, accumulate_dtype, dense_delta, sparse_delta_linear
 from .storage import index_dtype
+
+
+@dataclass
+class _CheckedMerge:
+    """What :meth:`SparseOPDLayer._check_merge` hands to the write: the adapters it checked (in merge order) and per
+    adapter the ΔW it built, kept for the write so that it is not built again, or None (the write builds it again).
+
+    A kept ΔW is ``ΔW.view(-1)[coords]`` (nnz,) float32 for a sparse-only adapter on a float base, or the dense
+    (out, in) float32 ΔW (an adapter with a subspace, or any adapter on a bitsandbytes base)."""
+
+    names: tuple[str, ...]
+    deltas: tuple[Optional[torch.Tensor], ...]
 
 
 class SparseOPDLayer(BaseTunerLayer):
@@ -53,6 +66,8 @@ class SparseOPDLayer(BaseTunerLayer):
         self.sparse_opd_block_bytes: dict[str, int] = {}
         self.sparse_opd_fingerprint: dict[str, dict] = {}  # base-weight fingerprint recorded for each adapter
         self._merge_backup: dict[str, Any] = {}
+        # set by SparseOPDModel for the length of one model-level merge (see SparseOPDModel._checked_merge)
+        self._sparse_opd_checked_merge: Optional[_CheckedMerge] = None
         self.last_merge_report: dict[str, dict] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -195,36 +210,54 @@ class SparseOPDLayer(BaseTunerLayer):
         parameter for bitsandbytes bases) are kept so that :meth:`unmerge` is bit-exact.
         ``self.last_merge_report[adapter]`` records the bf16 visibility (float bases) or the share of the delta
         that survived requantization (bitsandbytes bases).
+
+        Every merge is checked first, ``safe_merge`` or not (see :meth:`check_merge`): a non-finite result raises and
+        writes nothing. Called directly, the layer checks itself and builds each adapter's ΔW once, for the check,
+        then writes with it: it keeps ``ΔW[coords]`` (nnz floats) of each sparse-only adapter and the dense ΔW of at
+        most one adapter with a subspace (or on a bitsandbytes base) from the check to the write; any other is built
+        once more for the write. Within a model-level merge the model has checked every layer first
+        (:meth:`SparseOPDModel._checked_merge`) and this layer writes what that check handed it, without checking
+        again.
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         adapter_names = [n for n in adapter_names if n in self.sparse_opd_values or n in self.sparse_opd_coeff]
-        self.check_merge(adapter_names)  # always (safe_merge or not): a non-finite merge writes nothing
-        base = self.get_base_layer()
-        for name in adapter_names:
-            delta = self.get_delta_weight(name)
-            if bnb.quantized_kind(base) is not None:
-                self._merge_quantized(name, base, delta)
-            else:
-                self._merge_dense(name, base, delta)
-            self.merged_adapters.append(name)
+        checked, self._sparse_opd_checked_merge = self._sparse_opd_checked_merge, None
+        if checked is None or checked.names != tuple(adapter_names):
+            # always (safe_merge or not): a non-finite merge writes nothing
+            checked = self._check_merge(adapter_names, keep="one_dense")
+        self._write_merge(checked)
 
     def check_merge(self, adapter_names: list[str]) -> None:
         """Raise ``ValueError`` (naming the module, the adapter and the fix) if merging ``adapter_names`` in turn
         would write a non-finite weight entry that was finite before: NaN / inf adapter values, or a sum that
         overflows the weight's dtype (float16: |W + ΔW| > 65504). Nothing is modified."""
+        self._check_merge(adapter_names, keep="none")
+
+    def _check_merge(self, adapter_names: list[str], keep: Literal["none", "sparse", "one_dense"]) -> _CheckedMerge:
+        """:meth:`check_merge`, building each adapter's ΔW once, and return the checked adapters with the ΔWs to keep
+        for the write (:class:`_CheckedMerge`).
+
+        ``keep``: ``"none"`` keeps nothing; ``"sparse"`` keeps ``ΔW[coords]`` (nnz,) float32 of each sparse-only
+        adapter on a float base (the write needs no more of it; the dense ΔW is dropped); ``"one_dense"``
+        additionally keeps the dense ΔW of the last adapter that needs one (a subspace, or a bitsandbytes base), so
+        at most one dense ΔW outlives the check. The check's own temporaries (the running ``W + ΔW``) are dropped.
+        """
         base = self.get_base_layer()
         quantized = bnb.quantized_kind(base) is not None
         work = bnb.dequantize(base) if quantized else base.weight.detach()
-        for name in adapter_names:
-            if name not in self.sparse_opd_values and name not in self.sparse_opd_coeff:
-                continue
-            delta = self.get_delta_weight(name).to(work.device)
-            new = work.to(accumulate_dtype(work.dtype)) + delta
+        names = [n for n in adapter_names if n in self.sparse_opd_values or n in self.sparse_opd_coeff]
+        dense = [quantized or n in self.sparse_opd_coeff for n in names]  # the write needs the dense ΔW
+        keep_dense_at = max((i for i, d in enumerate(dense) if d), default=-1) if keep == "one_dense" else -1
+        kept: list[Optional[torch.Tensor]] = []
+        for index, name in enumerate(names):
+            delta = self.get_delta_weight(name)
+            moved = delta.to(work.device)
+            new = work.to(accumulate_dtype(work.dtype)) + moved
             new = new if quantized else new.to(work.dtype)
             bad = ~torch.isfinite(new) & torch.isfinite(work)
             if bool(bad.any()):
                 count = int(bad.sum())
-                if not bool(torch.isfinite(delta).all()):
+                if not bool(torch.isfinite(moved).all()):
                     why = "the adapter's values are NaN / inf (training diverged); retrain or drop this adapter"
                 else:
                     why = (
@@ -236,6 +269,25 @@ class SparseOPDLayer(BaseTunerLayer):
                     f"entr{'y' if count == 1 else 'ies'}: {why}. Nothing was merged; the weights are unchanged"
                 )
             work = new
+            if keep == "none":
+                kept.append(None)
+            elif not dense[index]:
+                kept.append(delta.view(-1)[self.sparse_opd_indices[name].long()])
+            else:
+                kept.append(delta if index == keep_dense_at else None)
+            del delta, moved, new, bad
+        return _CheckedMerge(tuple(names), tuple(kept))
+
+    def _write_merge(self, checked: _CheckedMerge) -> None:
+        """Write the adapters of a passed check in turn, with the ΔWs it kept (building the others again)."""
+        base = self.get_base_layer()
+        quantized = bnb.quantized_kind(base) is not None
+        for name, kept in zip(checked.names, checked.deltas, strict=True):
+            if quantized:
+                self._merge_quantized(name, base, kept if kept is not None else self.get_delta_weight(name))
+            else:
+                self._merge_dense(name, base, kept)
+            self.merged_adapters.append(name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """peft's ``delete_adapter`` plus this layer's own per-adapter records (merge report, pending loads)."""
@@ -243,17 +295,18 @@ class SparseOPDLayer(BaseTunerLayer):
         self.last_merge_report.pop(adapter_name, None)
         self._sparse_opd_pending.discard(adapter_name)
 
-    def _merge_dense(self, name: str, base: nn.Module, delta: torch.Tensor) -> None:
+    def _merge_dense(self, name: str, base: nn.Module, kept: Optional[torch.Tensor]) -> None:
+        """``kept``: the check's dense ΔW (with a subspace) or ``ΔW[coords]`` (sparse-only), or None to build ΔW."""
         weight = base.weight
         flat = weight.data.view(-1)
         if name in self.sparse_opd_coeff:
             coords = None
             backup = weight.data.clone()
-            d = delta.view(-1)
+            d = (kept if kept is not None else self.get_delta_weight(name)).view(-1)
         else:
             coords = self.sparse_opd_indices[name].long()
             backup = flat[coords].clone()
-            d = delta.view(-1)[coords]
+            d = kept if kept is not None else self.get_delta_weight(name).view(-1)[coords]
         old = backup.reshape(-1).to(torch.float32)
         new = (old + d).to(weight.dtype)
         visible = visible_update(old, d)

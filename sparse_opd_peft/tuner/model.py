@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import torch
@@ -236,32 +238,49 @@ class SparseOPDModel(BaseTuner):
         self.last_merge_report = report
         return report
 
-    def _check_merge(self, layers: dict[str, SparseOPDLayer], adapter_names: Optional[list[str]]) -> None:
-        """Check every layer before any layer merges: a merge that would write NaN / inf anywhere (NaN values, a
-        float16 overflow) raises ``ValueError`` naming the module and the fix, and no weight is touched."""
-        for layer in layers.values():
-            names = adapter_names if adapter_names is not None else layer.active_adapters
-            layer.check_merge([n for n in names if n not in layer.merged_adapters])
+    @contextmanager
+    def _checked_merge(self, layers: dict[str, SparseOPDLayer], adapter_names: Optional[list[str]]) -> Iterator[None]:
+        """Check every layer before any layer merges, then hand each layer what its check built for the merge that
+        runs inside this context (peft's loop calling each layer's ``merge``).
+
+        A merge that would write NaN / inf anywhere (NaN values, a float16 overflow) raises ``ValueError`` naming the
+        module and the fix before any weight is touched, with or without ``safe_merge``. Each layer's check builds
+        each adapter's ΔW once (:meth:`SparseOPDLayer._check_merge` with ``keep="sparse"``); the layer's ``merge``
+        then writes without checking again. Memory held from the check pass to the writes: ``ΔW[coords]`` of every
+        sparse-only adapter on a float base, nnz float32 per adapter and layer (the size of the adapter's float32
+        values), released as each layer merges; no dense ΔW of any layer outlives its check, so an adapter with a
+        subspace, or on a bitsandbytes base, is built once more for its write. Only the model-level path trusts a
+        previous check: a layer merged outside this context (or asked for other adapters than were checked) checks
+        itself.
+        """
+        try:
+            for layer in layers.values():
+                names = adapter_names if adapter_names is not None else layer.active_adapters
+                names = [n for n in names if n not in layer.merged_adapters]
+                layer._sparse_opd_checked_merge = layer._check_merge(names, keep="sparse")
+            yield
+        finally:
+            for layer in layers.values():
+                layer._sparse_opd_checked_merge = None
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
         """peft's ``merge_adapter`` plus a visibility / requantization report (warns when most of a delta is lost).
-        Non-finite results are refused up front, with or without ``safe_merge`` (see :meth:`_check_merge`)."""
+        Non-finite results are refused up front, with or without ``safe_merge`` (see :meth:`_checked_merge`)."""
         layers = self._sparse_layers()
-        self._check_merge(layers, adapter_names)
-        for layer in layers.values():
-            layer.last_merge_report = {}
-        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        with self._checked_merge(layers, adapter_names):
+            for layer in layers.values():
+                layer.last_merge_report = {}
+            super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
         self._report_merge(layers, adapter_names)
 
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         layers = self._sparse_layers()
-        if merge:
-            self._check_merge(layers, adapter_names)
-        for layer in layers.values():
-            layer.last_merge_report = {}
-        model = super()._unload_and_optionally_merge(
-            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
+        with self._checked_merge(layers, adapter_names) if merge else nullcontext():
+            for layer in layers.values():
+                layer.last_merge_report = {}
+            model = super()._unload_and_optionally_merge(
+                merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+            )
         if merge:
             self._report_merge(layers, adapter_names)
         return model

@@ -1,5 +1,6 @@
 """On-disk adapter files: tensor names, the check and decoding of a saved adapter's tensors, base-weight fingerprints,
-and byte counts (atomic / checked safetensors writes and reads: :mod:`sparse_opd_peft.safetensors_io`).
+and adapter file sizes (atomic / checked safetensors writes, reads and byte counts:
+:mod:`sparse_opd_peft.safetensors_io`).
 
 Adapter file format (``adapter_model.safetensors``, :data:`ADAPTER_FORMAT_VERSION`): per module with coordinates
 ``sparse_opd_values`` (nnz,) in ``save_dtype`` and one coordinate tensor in the smallest form of
@@ -12,13 +13,12 @@ Version-1 files (bitmask or int32 / int64 indices only) are valid version-2 file
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Collection, Mapping
-from typing import Optional
 
 import torch
 
 from ..positions import index_dtype, unpack_coordinates
+from ..safetensors_io import safetensors_nbytes
 
 ADAPTER_FORMAT_VERSION = 2
 FINGERPRINT_SAMPLES = 4096
@@ -226,40 +226,6 @@ def decode_adapter_state(
 
 
 # ---------------------------------------------------------------------------------------------- file sizes
-# safetensors writes tensors sorted by dtype (this order, descending), then by name; the header is padded to 8 bytes.
-_SAFETENSORS_DTYPES = {"BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "F16": torch.float16,
-                       "BF16": torch.bfloat16, "I32": torch.int32, "F32": torch.float32, "F64": torch.float64,
-                       "I64": torch.int64}  # fmt: skip
-
-
-def safetensors_nbytes(tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> int:
-    """Exact size in bytes of the file ``safetensors.torch.save_file(tensors, metadata=metadata)`` writes, computed
-    from names, shapes and dtypes only (no copy of the data).
-
-    Args:
-        tensors: ``{name: tensor}`` of any shapes; dtypes bool, (u)int8/16/32/64, float16/bfloat16/32/64.
-        metadata: the ``__metadata__`` strings (peft writes ``{"format": "pt"}``).
-    """
-    names = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
-    if any(t.dtype not in names for t in tensors.values()):  # rare dtypes: let safetensors serialize in memory
-        from safetensors.torch import save
-
-        return len(save({k: v.contiguous() for k, v in tensors.items()}, metadata=dict(metadata or {}) or None))
-    order = list(_SAFETENSORS_DTYPES)
-    header: dict = {"__metadata__": dict(metadata)} if metadata else {}
-    offset = 0
-    for key, tensor in sorted(tensors.items(), key=lambda kv: (-order.index(names[kv[1].dtype]), kv[0])):
-        nbytes = tensor.numel() * tensor.element_size()
-        header[key] = {
-            "dtype": names[tensor.dtype],
-            "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    return 8 + len(raw) + (-len(raw)) % 8 + offset
-
-
 def adapter_file_bytes(model, adapter_name: str = "default") -> int:
     """Size in bytes of the ``adapter_model.safetensors`` that ``model.save_pretrained`` writes for ``adapter_name``
     (packed coordinates, values in ``save_dtype``), without writing it."""

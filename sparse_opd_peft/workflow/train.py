@@ -39,6 +39,11 @@ def _opd_config_class() -> type:
     return OPDConfig
 
 
+def _checkpoint_dir(out: str | Path) -> Path:
+    """``out/checkpoints``: the snapshots (``save_every``) and their trainer state of a run into ``out``."""
+    return Path(out) / "checkpoints"
+
+
 @dataclass
 class TrainJob:
     """Every input of a ``sparse-opd train`` run: the training knobs as one
@@ -87,7 +92,7 @@ class TrainJob:
             knobs["max_grad_norm"] = knobs["max_grad_norm"] or None
         knobs.setdefault("progress_bar", not flags.get("quiet", False))
         if knobs.get("save_every"):
-            knobs["checkpoint_dir"] = str(Path(flags["out"]) / "checkpoints")
+            knobs["checkpoint_dir"] = str(_checkpoint_dir(flags["out"]))
         return cls(**flags, opd=_as_flags(lambda: opd_class(**knobs)))
 
 
@@ -144,8 +149,8 @@ def adapter_kind(mask: Optional[Path], subspace: Optional[Path], lora_rank: Opti
 def opd_config(job: TrainJob) -> OPDConfig:
     """The ``OPDConfig`` the job trains with: ``job.opd`` with ``checkpoint_dir`` = ``out/checkpoints`` when it
     saves snapshots (``None`` otherwise); validation messages are phrased in terms of the command's flags."""
-    checkpoint_dir = str(job.out / "checkpoints") if job.opd.save_every else None
-    return _as_flags(lambda: replace(job.opd, checkpoint_dir=checkpoint_dir))
+    snapshots = str(_checkpoint_dir(job.out)) if job.opd.save_every else None
+    return _as_flags(lambda: replace(job.opd, checkpoint_dir=snapshots))
 
 
 def resolve_resume(path: Path) -> Path:
@@ -156,7 +161,7 @@ def resolve_resume(path: Path) -> Path:
 
     if not path.is_dir():
         raise FileNotFoundError(f"--resume {path}: no such directory")
-    candidates = (resolve_state_dir(c) for c in (path, path / "state", path / "checkpoints" / "state"))
+    candidates = (resolve_state_dir(c) for c in (path, path / "state", _checkpoint_dir(path) / "state"))
     found = [c for c in candidates if (c / STATE_FILE).is_file()]
     if not found:
         raise ValueError(
@@ -302,7 +307,7 @@ def _make_trainer(job: TrainJob, plan: _Plan, inputs: dict):
 
 def _train(job: TrainJob, plan: _Plan, trainer) -> list[dict]:
     """Run the trainer into ``job.out``; on failure remove what this run created, unless checkpoints exist."""
-    out, ckpt_dir = job.out, job.out / "checkpoints"
+    out, ckpt_dir = job.out, _checkpoint_dir(job.out)
     created = missing_ancestors(out)
     out.mkdir(parents=True, exist_ok=True)
     if job.overwrite and not plan.resuming_here and ckpt_dir.exists():

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..continual import matched_lora_rank
 from .core import RenderInfo, Section, StudyContext, block_linears, json_roundtrip, mean_std
 
 DENSITIES = (0.05, 0.10, 0.20, 0.45)
@@ -109,11 +110,6 @@ def low_magnitude_like(mask: Any, anchor: torch.nn.Module) -> Any:
     return SparseMask.from_indices(entries, {"rule": "low_magnitude_like", "like_density": mask.density()})
 
 
-def lora_rank(nnz: int, shapes: dict[str, tuple[int, int]]) -> int:
-    """Rank whose LoRA trainable count ``r · Σ(in + out)`` over ``shapes`` is nearest to ``nnz`` (at least 1)."""
-    return max(1, int(round(nnz / sum(o + i for o, i in shapes.values()))))
-
-
 def lora_student(load: Callable[[], torch.nn.Module], modules: Sequence[str], r: int) -> torch.nn.Module:
     """peft LoRA (rank ``r``, alpha 2r, no dropout) on ``modules`` of ``load()``."""
     from peft import LoraConfig, get_peft_model
@@ -165,7 +161,7 @@ def arms(shapes: dict[str, tuple[int, int]], total: int) -> list[dict[str, Any]]
             rows.append({"key": f"lowmag{p}", "label": f"low-magnitude \\|W0\\|, same per-module counts as top-{p} %",
                          "kind": "mask", "primary": d == 0.20})  # fmt: skip
     for i, d in enumerate(LORA_MATCH):
-        r = lora_rank(int(round(d * total)), shapes)
+        r = matched_lora_rank(int(round(d * total)), shapes)
         rows.append({"key": f"lora{pct(d)}", "label": f"LoRA r={r} (count ≈ top-{pct(d)} %)", "kind": "lora",
                      "primary": i == 0, "rank": r})  # fmt: skip
     return rows

@@ -22,9 +22,9 @@ import statistics as st
 from pathlib import Path
 from typing import Any
 
+from ..continual import matched_lora_rank
 from . import predictors as P
 from .core import RenderInfo, Section, StudyContext, json_roundtrip, mean_std
-from .recovery import lora_rank
 from .savings_measure import _measure_all  # called through this module (tests replace it here)
 
 METHODS = ("full", "masked", "lora")
@@ -69,9 +69,9 @@ def bench(ctx: StudyContext) -> dict[str, Any]:
         qmask = _qwen_mask(qwen, P.DENSITY, adir / "qwen_mask.safetensors")
         run_cfg = ctx.base.with_(seed=0, progress_bar=False).to_dict()
         common = {"threads": ctx.config.threads, "world": str(ctx.world.path), "run": run_cfg, "qwen": qwen}
-        specs = {"toy": {"mask": str(adir / "toy_mask.safetensors"), "lora_r": lora_rank(toy_mask.nnz(), _shapes(toy_mask)),
+        specs = {"toy": {"mask": str(adir / "toy_mask.safetensors"), "lora_r": matched_lora_rank(toy_mask.nnz(), _shapes(toy_mask)),
                          "steps": steps, "warmup": warmup},
-                 "qwen": {"mask": str(adir / "qwen_mask.safetensors"), "lora_r": lora_rank(qmask.nnz(), _shapes(qmask)),
+                 "qwen": {"mask": str(adir / "qwen_mask.safetensors"), "lora_r": matched_lora_rank(qmask.nnz(), _shapes(qmask)),
                           "steps": qsteps[0], "warmup": qsteps[1]}}  # fmt: skip
         # interleaved repeats, so that a burst of load on the machine hits every method alike
         order = [(m, k) for _ in range(repeats) for m in specs for k in METHODS]
