@@ -99,16 +99,21 @@ def _type_rows(config) -> list[str]:
     return rows
 
 
-def render_usage(repo_id: Optional[str], base_model: Optional[str], extra_adapters: tuple[str, ...] = ()) -> str:
-    """The usage snippet (between usage markers) for adapter repo / directory ``repo_id``."""
+def render_usage(
+    repo_id: Optional[str], base_model: Optional[str], extra_adapters: tuple[str, ...] = (), first: str = "default"
+) -> str:
+    """The usage snippet (between usage markers) for adapter repo / directory ``repo_id``: ``first`` is the adapter
+    loaded first (peft saves an adapter not named ``"default"`` in a subfolder of its name), ``extra_adapters`` the
+    others."""
     base = f'"{base_model}"' if base_model else "...  # the base model this adapter was trained on"
+    where = "" if first == "default" else f', subfolder="{first}", adapter_name="{first}"'
     lines = [
         USAGE_BEGIN, "```python", "import sparse_opd_peft  # noqa: F401  (registers the SPARSE_OPD method with peft)",
         "from peft import AutoPeftModelForCausalLM, PeftModel", "from transformers import AutoModelForCausalLM", "",
         f'adapter = "{repo_id or PLACEHOLDER_REPO}"  # Hub repo id or local directory of this adapter',
-        "model = AutoPeftModelForCausalLM.from_pretrained(adapter)  # loads the base model recorded in the adapter",
+        f"model = AutoPeftModelForCausalLM.from_pretrained(adapter{where})  # loads the base model recorded in the adapter",
         "# or onto a base you loaded yourself (the base-model fingerprint is checked first):",
-        f"base = AutoModelForCausalLM.from_pretrained({base})", "model = PeftModel.from_pretrained(base, adapter)",
+        f"base = AutoModelForCausalLM.from_pretrained({base})", f"model = PeftModel.from_pretrained(base, adapter{where})",
     ]  # fmt: skip
     lines += [f'model.load_adapter(adapter, adapter_name="{a}", subfolder="{a}")' for a in extra_adapters]
     lines += ["merged = model.merge_and_unload()  # a plain transformers model: W <- W + ΔW, one rounding", "```",
@@ -195,10 +200,10 @@ def render_card_block(entries: list[dict], repo_id: Optional[str] = None) -> str
              "A sparse on-policy-distillation adapter (peft method `SPARSE_OPD`, package `sparse_opd_peft`): it trains "
              f"exactly {nnz:,} chosen coordinates of the base model's Linear weights (density {_pct(first.density)}) "
              "and nothing else, so merging it changes the base only there.", "", "## Usage", "",
-             render_usage(repo_id, base, tuple(e["name"] for e in entries[1:])), ""]  # fmt: skip
+             render_usage(repo_id, base, tuple(e["name"] for e in entries[1:]), entries[0]["name"]), ""]  # fmt: skip
     for entry in entries:
         sub = None if entry["name"] == "default" else entry["name"]
-        if len(entries) > 1:
+        if len(entries) > 1 or sub:
             lines += [f"## Adapter `{entry['name']}`" + (f" (subfolder `{sub}/`)" if sub else ""), ""]
         lines += [render_adapter_section(entry["config"], visibility=entry.get("visibility"),
                                          file_bytes=entry.get("file_bytes"), subfolder=sub, base_model=base,

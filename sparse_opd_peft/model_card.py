@@ -232,10 +232,12 @@ class _SavesWithCard:
     def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
         fresh = not (Path(directory) / "README.md").is_file()
         self.model.save_pretrained(directory, **kwargs)
-        if not sparse_opd_adapters(self.model):
+        selected = kwargs.get("selected_adapters")
+        names = [n for n in sparse_opd_adapters(self.model) if selected is None or n in selected]
+        if not names:
             return
         try:
-            write_model_card(self.model, directory, fresh)
+            write_model_card(self.model, directory, fresh, adapters=names)
         except Exception as err:  # noqa: BLE001 - a card problem must never lose the adapter being saved
             warnings.warn(f"could not write the SparseOPD model card ({type(err).__name__}: {err})", stacklevel=3)
 

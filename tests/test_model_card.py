@@ -193,3 +193,21 @@ def test_write_model_card_from_the_files_describes_the_chosen_adapters_without_v
     assert f"`second/adapter_model.safetensors` | {size:,}" in text and f"| {size:,}" in measured
     with pytest.raises(ValueError, match="no SparseOPD adapter"):
         write_model_card(model, tmp_path, adapters=[])
+
+
+def test_save_adapter_with_selected_adapters_describes_only_those(tmp_path):
+    """``save_adapter(..., selected_adapters=[...])`` (peft's argument): the card describes the adapters written,
+    as the sharded save's card does."""
+    model = sparse_model()
+    model.add_adapter("second", SparseOPDConfig(mask=SparseMask(random_mask(make_model(), density=0.1))))
+    save_adapter(model, tmp_path, selected_adapters=["second"])
+    text = (tmp_path / "README.md").read_text()
+    assert "## Adapter `second` (subfolder `second/`)" in text and "`default`" not in text
+    assert (tmp_path / "second" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    # the card's usage line loads it (peft put it in the subfolder of its name)
+    line = next(x for x in text.splitlines() if x.startswith("model = PeftModel.from_pretrained(base, adapter"))
+    assert line == 'model = PeftModel.from_pretrained(base, adapter, subfolder="second", adapter_name="second")'
+    loaded = PeftModel.from_pretrained(make_model(), str(tmp_path), subfolder="second", adapter_name="second")
+    want = model.base_model.model.model.layers[0].mlp.up_proj.sparse_opd_values["second"]
+    assert torch.equal(loaded.base_model.model.model.layers[0].mlp.up_proj.sparse_opd_values["second"], want)
