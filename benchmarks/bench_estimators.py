@@ -102,11 +102,11 @@ NOT_KEPT = [
     ("sampled_token, position baseline, no gradient-norm clipping (max_grad_norm=None)", "83.5"),
     ("sampled_token, position baseline, lr 5e-4 / 2e-3 instead of 1e-3", "83.2 / 27.3"),
     (
-        "sampled_token, position baseline, rollouts at temperature 1.5 with per-token importance weights "
-        "p_s(y) / p_sampler(y) (capped at 5; tinker-style), seeds 0 / 1 / 2",
-        "92.1 / 87.9 / 82.8 (mean 87.6)",
+        "sampled_token, position baseline, rollouts at temperature 1.5 / 1.25 / 2.0 with per-token importance weights "
+        "capped at 5, an earlier implementation (the current one is probe `is_t<T>`), seed 0",
+        "92.1 / 92.3 / 81.8 (1.5, seeds 1 / 2: 87.9 / 82.8)",
     ),
-    ("the same at temperature 1.25 / 2.0; temperature 1.5 without the weights", "92.3 / 81.8; 85.7"),
+    ("sampled_token, position baseline, rollouts at temperature 1.5 without importance weights", "85.7"),
 ]
 PROBE_VARIANTS = [
     "st_clip3", "st_base_clip10", "st_iw", "st_base_iw", "st_base_gn03", "st_base_gn01", "st_base_b95",
@@ -221,14 +221,19 @@ def main() -> None:
     if probes.exists():
         lines += [
             "",
-            "Objectives that need code, not settings (`python benchmarks/estimator_probes.py`; seed 0, same budget):",
+            "Objectives that need code, not settings (`python benchmarks/estimator_probes.py`; same budget):",
             "",
         ]
-        lines += ["| probe | what | seed | accuracy (%) | vs full_kl | kl 1 / 40 / last |", "|---|---|---|---|---|---|"]
-        for r in json.loads(probes.read_text()):
-            gap = f"{100 * (r['acc'] - ref_mean):+.1f}" if ref_mean is not None else ""
-            kls = " / ".join(f"{v:.2f}" for v in r["kl_1_40_last"])
-            lines.append(f"| `{r['probe']}` | {r['what']} | {r['seed']} | {100 * r['acc']:.1f} | {gap} | {kls} |")
+        lines += ["| probe | what | accuracy (%) by seed | mean | vs full_kl | kl 1 / 40 / last (seed mean) |",
+                  "|---|---|---|---|---|---|"]  # fmt: skip
+        records = json.loads(probes.read_text())
+        for name in dict.fromkeys(r["probe"] for r in records):
+            rs = sorted((r for r in records if r["probe"] == name), key=lambda r: r["seed"])
+            accs = [r["acc"] for r in rs]
+            gap = f"{100 * (statistics.mean(accs) - ref_mean):+.1f}" if ref_mean is not None else ""
+            by_seed = ", ".join(f"{100 * r['acc']:.1f} (s{r['seed']})" for r in rs)
+            kls = " / ".join(f"{statistics.mean(r['kl_1_40_last'][i] for r in rs):.2f}" for i in range(3))
+            lines.append(f"| `{name}` | {rs[0]['what']} | {by_seed} | {_fmt(accs)} | {gap} | {kls} |")
     if NOT_KEPT:
         lines += ["", "Also tried by an earlier session (seed 0, same budget; code not kept):", ""]
         lines += [f"- {what}: {acc} %" for what, acc in NOT_KEPT]

@@ -14,11 +14,16 @@ objective of a micro-batch:
   ±10, differentiated through ``log p_s``): its gradient is an unbiased estimate of ``∇ KL(p_T || p_s)``, the
   *forward* KL, from the sampled token's teacher log-prob alone.
 * ``k3_mix``: half ``st_base``'s loss + half ``k3``.
+* ``is_t<T>``: rollouts sampled at temperature ``T`` (more of the tokens the teacher rejects get sampled), each
+  token's advantage weighted back to the student's own distribution by ``w = p_s(y) / p_sampler(y)`` (tinker's
+  importance weight; capped at 5, or uncapped with ``_nocap``): ``A = w (-r - b)``, unbiased for the per-token
+  expectation up to the cap.
 
 Results (one JSON record per probe and seed) go to ``benchmarks/results/estimator_probes.json``, which
 ``bench_estimators.py`` lists under its table::
 
-    nice -n 19 python benchmarks/estimator_probes.py --probes cv_0 cv_-1 cv_fit k3 k3_mix --seeds 0
+    nice -n 19 python benchmarks/estimator_probes.py --probes cv_0 cv_-1 cv_1 cv_fit k3 k3_mix --seeds 0
+    nice -n 19 python benchmarks/estimator_probes.py --probes cv_0 is_t1.25 is_t1.5 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -38,7 +43,18 @@ WHAT = {
     "cv_fit": "the same with β fitted per batch (least-squares slope of r on log p_s; -2.4 at step 1, -1.2 at the end)",
     "k3": "verl's k3 (low_var_kl) as the loss on the sampled token: the forward-KL gradient, clamp ±10",
     "k3_mix": "half st_base + half k3",
+    **{
+        f"is_t{t}{'' if cap else '_nocap'}": (
+            f"rollouts at temperature {t}, per-token importance weights w = p_s(y) / p_sampler(y)"
+            + (f" capped at {cap}" if cap else " (uncapped)")
+            + ": A = w (-r - b), b the position leave-one-out mean of -r"
+        )
+        for t in (1.25, 1.5)
+        for cap in (5.0, None)
+    },
 }
+IS_CAP = {name: (5.0 if not name.endswith("_nocap") else None) for name in WHAT if name.startswith("is_t")}
+IS_TEMP = {name: float(name[4:].removesuffix("_nocap")) for name in IS_CAP}
 
 
 def _trainer_class():
@@ -63,7 +79,19 @@ def _trainer_class():
             out = self._student(ro, teacher, grad)
             ls = _grid(out.logprobs, mask)
             r = (ls.detach() - lp_t) * mask
-            if self.probe.startswith("cv_"):
+            if self.probe.startswith("is_t"):  # the rollouts came from softmax(z / T): weight each token back to p_s
+                with torch.no_grad():
+                    x, w, bias = self._student_scorer(ro)
+                    z = x[mask] if w is None else torch.nn.functional.linear(x[mask], w, bias)
+                    lq = torch.log_softmax(z[:, : self.vocab_size].float() / IS_TEMP[self.probe], -1)
+                    lq = _grid(lq.gather(-1, ro.completion_ids[mask][:, None]).squeeze(-1), mask)
+                    wts = (ls.detach() - lq).exp() * mask
+                    if IS_CAP[self.probe] is not None:
+                        wts = wts.clamp(max=IS_CAP[self.probe])
+                a = -r
+                a = wts * (a - L.leave_one_out_baseline(a, mask)) * mask
+                loss = L.policy_gradient_loss(ls, a, mask, 1.0)
+            elif self.probe.startswith("cv_"):
                 if self.probe == "cv_fit":
                     m = mask.float()
                     n = m.sum()
@@ -96,8 +124,9 @@ def run_probe(world, probe: str, seed: int, steps: int) -> dict:
     from sparse_opd_peft.lab.toy.runs import ToyRunConfig, opd_run
 
     run = ToyRunConfig(task="add").with_(
-        loss="sampled_token", sampled_token_baseline="none", steps=steps, seed=seed, progress_bar=False
-    )
+        loss="sampled_token", sampled_token_baseline="none", steps=steps, seed=seed, progress_bar=False,
+        temperature=IS_TEMP.get(probe, 1.0),
+    )  # fmt: skip
     if run.opd.grad_accum != 1:
         raise SystemExit("the probes compute their baseline inside one micro-batch: grad_accum must be 1")
     cls = _trainer_class()
