@@ -14,6 +14,7 @@ density level (about 1 % / 5 % / 50 % of the targeted weights on the CPU preset)
     python benchmarks/bench_adapter_step.py                       # CPU preset (fp32, 1 thread), writes adapter_step.md
     python benchmarks/bench_adapter_step.py --preset gpu --out-dir DIR    # bf16, hidden 2048 x 8 layers, batch 8 x 1024
     python benchmarks/bench_adapter_step.py --preset tiny --device cpu    # seconds; proves the script runs
+    python benchmarks/bench_adapter_step.py --profile 0.01                # where one step's time goes (profiler)
 """
 
 from __future__ import annotations
@@ -270,6 +271,30 @@ def to_markdown(res: dict, command: str) -> str:
     return head + "\n".join(lines) + "\n" + (f"\nNot measured:{errors}\n" if errors else "")
 
 
+def profile(p: dict, density: float, rows: int = 12) -> str:
+    """Where one step's time goes: torch.profiler tables (self CPU time by op, and by op and input shapes) of one step of the
+    frozen floor and of ours at ``density`` (after 2 warm-up steps each), then their step times."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    base = build_model(p)
+    ids = torch.randint(0, p["vocab"], (p["batch"], p["seq"]), generator=torch.Generator().manual_seed(0))
+    r = rank_for(base, density)
+    text = [f"# one {p['dtype']} step on {p['device']}, {torch.get_num_threads()} thread(s), density {density:.0%}", ""]
+    for label, method in (("frozen (floor)", "frozen"), (f"sparse_opd {density:.0%}", "sparse_opd")):
+        model = wrap(base, method, r, mask_for(base, r) if method == "sparse_opd" else None, "auto")
+        params = [q for q in model.parameters() if q.requires_grad]
+        entry = {"model": model, "opt": torch.optim.AdamW(params, lr=1e-4), "params": params}
+        for _ in range(2):
+            step(entry, ids, p["device"])
+        with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            secs = step(entry, ids, p["device"])
+        by_op = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+        by_shape = prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=rows)
+        text += [f"## {label}: {secs:.3f} s (profiled step)", "", "by op:", by_op, "by op and input shapes:", by_shape]
+    return "\n".join(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
@@ -282,12 +307,16 @@ def main() -> None:
     )
     parser.add_argument("--densities", help="comma-separated densities overriding the preset's")
     parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--profile", type=float, metavar="DENSITY", help="profile one step at DENSITY instead")
     args = parser.parse_args()
     p = dict(PRESETS[args.preset])
     p.update({k: v for k, v in (("device", args.device), ("dtype", args.dtype)) if v})
     if args.densities:
         p["densities"] = [float(d) for d in args.densities.split(",")]
     torch.set_num_threads(args.threads)
+    if args.profile is not None:
+        print(profile(p, args.profile))
+        return
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     name = p["name"] if p["device"] == PRESETS[args.preset]["device"] else f"{p['name']}_{p['device']}"

@@ -4,10 +4,11 @@
 #     bash benchmarks/gpu_check.sh OUT_DIR            # CUDA when available, else the CPU fallback (tiny sizes)
 #     bash benchmarks/gpu_check.sh OUT_DIR --cpu      # force the CPU fallback (proves the script runs; ~3 min)
 #
-# What the GPU run needs: a CUDA build of torch (constraints.txt pins torch==2.13.0, which locally is the CPU wheel;
-# on the GPU machine `pip install -c constraints.txt -e .[dev,trl,bnb]` must resolve torch 2.13.0 to a CUDA wheel,
-# e.g. the default PyPI Linux wheel, which also brings Triton for the coordinate-only kernel), bitsandbytes with
-# CUDA kernels (the [bnb] extra), and no network (the toy world ships with the package). One H100 / H200:
+# What the GPU run needs: a CUDA build of torch with Triton, transformers, accelerate and pytest (the lent machine's
+# image has them; its python3 holds PyTorch, so pass PYTHON=python3), plus bitsandbytes, datasets and peft 0.21.2,
+# which it lacks and cannot download (no network there): `bash benchmarks/gpu_wheels.sh` fetches them here into .whl/
+# and prints the one device command that installs them there and runs this script (the toy world ships with the
+# package; the repository root on PYTHONPATH makes the package importable without installing it). One H100 / H200:
 # budget <= 8 minutes in all (each part below has its own timeout; a part that fails or times out is recorded in
 # status.json and the others still run).
 #
