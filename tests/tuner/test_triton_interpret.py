@@ -44,7 +44,28 @@ _SCRIPT = textwrap.dedent(
                      "err": float((got.double() - ref).abs().max()), "scale": float(ref.abs().max()),
                      "cpu_err": float((cpu - ref).abs().max())})
     empty = T.sddmm_strided(dy.t(), x.t(), idx[:0], inn)
-    print(json.dumps({"rows": rows, "empty": list(empty.shape)}))
+    # the layer's autograd function taking the Triton branch (as on CUDA) vs the CPU branch: same values' gradient
+    from sparse_opd_peft.tuner.sparse_matmul import DeltaSpec, sparse_delta_linear
+    w = torch.randn(40, 24).to(dtype)
+    idx = torch.randperm(40 * 24)[:97].sort().values
+    xin = torch.randn(3, 11, 24).to(dtype)
+    grads = {}
+    for branch in ("triton", "cpu"):
+        T.supported = (lambda dy: True) if branch == "triton" else (lambda dy: False)
+        v = torch.zeros(97, requires_grad=True)
+        y = sparse_delta_linear(xin, w, None, (DeltaSpec(True, False),), (v, idx), (40, 24), grad_path="sampled")
+        (y.float() ** 2).sum().backward()
+        grads[branch] = v.grad.double()
+    layer_err = float((grads["triton"] - grads["cpu"]).abs().max())
+    layer_scale = float(grads["cpu"].abs().max())
+    calls = []
+    real = T.sddmm
+    T.sddmm = lambda *a: calls.append(1) or real(*a)
+    T.supported = lambda dy: True
+    v = torch.zeros(97, requires_grad=True)
+    sparse_delta_linear(xin, w, None, (DeltaSpec(True, False),), (v, idx), (40, 24), grad_path="sampled").sum().backward()
+    print(json.dumps({"rows": rows, "empty": list(empty.shape), "layer_err": layer_err, "layer_scale": layer_scale,
+                      "kernel_calls": len(calls), "disabled": T._DISABLED}))
     """
 )
 
@@ -70,3 +91,6 @@ def test_triton_kernel_matches_the_float64_reference_in_the_interpreter(dtype):
         bound = 4 * n * 2.0**-24 * max(row["scale"], 1.0) + 1e-6  # float32 accumulation of n products
         assert row["err"] <= bound, row
         assert row["err"] <= 4 * row["cpu_err"] + 1e-5, row  # no worse than the trusted CPU path
+    # through the layer's autograd function: the Triton branch gives the CPU branch's values' gradient
+    assert res["layer_scale"] > 1.0 and res["layer_err"] <= 1e-5 * res["layer_scale"], res
+    assert res["kernel_calls"] == 1 and res["disabled"] == []  # the kernel ran; no silent fall-back to the GEMM path
