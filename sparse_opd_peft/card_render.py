@@ -103,19 +103,31 @@ def render_usage(
     repo_id: Optional[str], base_model: Optional[str], extra_adapters: tuple[str, ...] = (), first: str = "default"
 ) -> str:
     """The usage snippet (between usage markers) for adapter repo / directory ``repo_id``: ``first`` is the adapter
-    loaded first (peft saves an adapter not named ``"default"`` in a subfolder of its name), ``extra_adapters`` the
-    others."""
+    loaded first, ``extra_adapters`` the others (peft saves ``"default"`` at the root and any other adapter in a
+    subfolder of its name)."""
     base = f'"{base_model}"' if base_model else "...  # the base model this adapter was trained on"
     where = "" if first == "default" else f', subfolder="{first}", adapter_name="{first}"'
     lines = [
         USAGE_BEGIN, "```python", "import sparse_opd_peft  # noqa: F401  (registers the SPARSE_OPD method with peft)",
-        "from peft import AutoPeftModelForCausalLM, PeftModel", "from transformers import AutoModelForCausalLM", "",
+        "from peft import " + ("AutoPeftModelForCausalLM, PeftModel" if first == "default" else "PeftModel"),
+        "from transformers import AutoModelForCausalLM", "",
         f'adapter = "{repo_id or PLACEHOLDER_REPO}"  # Hub repo id or local directory of this adapter',
-        f"model = AutoPeftModelForCausalLM.from_pretrained(adapter{where})  # loads the base model recorded in the adapter",
-        "# or onto a base you loaded yourself (the base-model fingerprint is checked first):",
-        f"base = AutoModelForCausalLM.from_pretrained({base})", f"model = PeftModel.from_pretrained(base, adapter{where})",
     ]  # fmt: skip
-    lines += [f'model.load_adapter(adapter, adapter_name="{a}", subfolder="{a}")' for a in extra_adapters]
+    if first == "default":
+        lines += ["model = AutoPeftModelForCausalLM.from_pretrained(adapter)  # loads the base model recorded in the adapter",
+                  "# or onto a base you loaded yourself (the base-model fingerprint is checked first):"]  # fmt: skip
+    else:  # AutoPeftModel would pass subfolder= on to the base model's from_pretrained too
+        lines += [
+            f"# the adapter is in the subfolder {first}/: load the base yourself (the fingerprint is checked first)"
+        ]
+    lines += [
+        f"base = AutoModelForCausalLM.from_pretrained({base})",
+        f"model = PeftModel.from_pretrained(base, adapter{where})",
+    ]
+    lines += [
+        f'model.load_adapter(adapter, adapter_name="{a}"' + ("" if a == "default" else f', subfolder="{a}"') + ")"
+        for a in extra_adapters
+    ]
     lines += ["merged = model.merge_and_unload()  # a plain transformers model: W <- W + ΔW, one rounding", "```",
               "Needs `pip install sparse_opd_peft`; `sparse-opd inspect ADAPTER` describes a downloaded copy.",
               USAGE_END]  # fmt: skip
@@ -192,7 +204,8 @@ def render_adapter_section(
 
 def render_card_block(entries: list[dict], repo_id: Optional[str] = None) -> str:
     """The whole marked card block for ``entries`` = ``[{"name", "config", "visibility", "file_bytes", "base"}]``
-    (``visibility``, ``file_bytes`` and ``base`` optional)."""
+    (``visibility``, ``file_bytes`` and ``base`` optional); ``"default"`` (saved at the root) is described first."""
+    entries = sorted(entries, key=lambda e: e["name"] != "default")  # stable: the others keep their order
     first = entries[0]["config"]
     base = first.base_model_name_or_path or entries[0].get("base")
     nnz = sum(int(v) for v in first.module_nnz.values())
@@ -207,7 +220,7 @@ def render_card_block(entries: list[dict], repo_id: Optional[str] = None) -> str
             lines += [f"## Adapter `{entry['name']}`" + (f" (subfolder `{sub}/`)" if sub else ""), ""]
         lines += [render_adapter_section(entry["config"], visibility=entry.get("visibility"),
                                          file_bytes=entry.get("file_bytes"), subfolder=sub, base_model=base,
-                                         level=3 if len(entries) > 1 else 2), ""]  # fmt: skip
+                                         level=3 if len(entries) > 1 or sub else 2), ""]  # fmt: skip
     return "\n".join(lines + [CARD_END])
 
 

@@ -193,14 +193,20 @@ def write_model_card(
         The README path.
 
     Raises:
-        ValueError: no SparseOPD adapter to describe.
+        ValueError: no SparseOPD adapter to describe, or ``adapters`` names one the model does not have as SparseOPD.
     """
     import peft
     from huggingface_hub import ModelCard, ModelCardData
 
     from ._version import __version__
 
-    names = sparse_opd_adapters(model) if adapters is None else list(adapters)
+    known = sparse_opd_adapters(model)
+    names = known if adapters is None else list(adapters)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(
+            f"write_model_card: {unknown} are not SparseOPD adapters of this model (it has {known}); pass some of those"
+        )
     if not names:
         raise ValueError(f"write_model_card: no SparseOPD adapter to describe (adapters: {adapters})")
     path = Path(output_dir) / "README.md"

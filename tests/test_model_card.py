@@ -208,6 +208,28 @@ def test_save_adapter_with_selected_adapters_describes_only_those(tmp_path):
     # the card's usage line loads it (peft put it in the subfolder of its name)
     line = next(x for x in text.splitlines() if x.startswith("model = PeftModel.from_pretrained(base, adapter"))
     assert line == 'model = PeftModel.from_pretrained(base, adapter, subfolder="second", adapter_name="second")'
+    assert "AutoPeftModelForCausalLM.from_pretrained(" not in text  # it would pass subfolder= to the base too
+    assert "## Adapter `second` (subfolder `second/`)\n\n### Base model" in text  # its sections one level down
     loaded = PeftModel.from_pretrained(make_model(), str(tmp_path), subfolder="second", adapter_name="second")
     want = model.base_model.model.model.layers[0].mlp.up_proj.sparse_opd_values["second"]
     assert torch.equal(loaded.base_model.model.model.layers[0].mlp.up_proj.sparse_opd_values["second"], want)
+
+
+def test_default_is_described_first_and_loaded_from_the_root(tmp_path):
+    """An adapter named ``default`` added after another one is still saved at the root by peft: the card describes
+    it first and loads it without a subfolder, the other one from its subfolder; unknown names are refused."""
+    base = make_model()
+    base.name_or_path = "org/tiny-base"
+    mask = SparseMask(random_mask(base, density=0.1))
+    model = get_peft_model(base, SparseOPDConfig(mask=mask), adapter_name="first")
+    model.add_adapter("default", SparseOPDConfig(mask=mask))
+    save_adapter(model, tmp_path)
+    text = (tmp_path / "README.md").read_text()
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (
+        tmp_path / "first/adapter_model.safetensors"
+    ).is_file()
+    assert "model = PeftModel.from_pretrained(base, adapter)\n" in text
+    assert 'model.load_adapter(adapter, adapter_name="first", subfolder="first")' in text
+    assert text.index("## Adapter `default`") < text.index("## Adapter `first` (subfolder `first/`)")
+    with pytest.raises(ValueError, match=r"\['lora'\] are not SparseOPD adapters of this model"):
+        write_model_card(model, tmp_path, adapters=["lora"])
