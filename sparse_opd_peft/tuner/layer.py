@@ -221,7 +221,7 @@ class SparseOPDLayer(BaseTunerLayer):
         """
         adapter_names = check_adapters_to_merge(self, adapter_names)
         adapter_names = [n for n in adapter_names if n in self.sparse_opd_values or n in self.sparse_opd_coeff]
-        checked, self._sparse_opd_checked_merge = self._sparse_opd_checked_merge, None
+        checked, self._sparse_opd_checked_merge = getattr(self, "_sparse_opd_checked_merge", None), None
         if checked is None or checked.names != tuple(adapter_names):
             # always (safe_merge or not): a non-finite merge writes nothing
             checked = self._check_merge(adapter_names, keep="one_dense")

@@ -251,13 +251,18 @@ class SparseOPDModel(BaseTuner):
         values), released as each layer merges; no dense ΔW of any layer outlives its check, so an adapter with a
         subspace, or on a bitsandbytes base, is built once more for its write. Only the model-level path trusts a
         previous check: a layer merged outside this context (or asked for other adapters than were checked) checks
-        itself.
+        itself, and so does every layer when two adapted layers share one base weight (a write could then change what
+        another layer's check saw).
         """
+        weights = [getattr(layer.get_base_layer(), "weight", None) for layer in layers.values()]
+        ptrs = [w.data_ptr() for w in weights if isinstance(w, torch.Tensor) and w.device.type != "meta"]
+        shared = len(ptrs) != len(set(ptrs))  # one base weight under two adapted layers: each write re-checks
         try:
             for layer in layers.values():
                 names = adapter_names if adapter_names is not None else layer.active_adapters
                 names = [n for n in names if n not in layer.merged_adapters]
-                layer._sparse_opd_checked_merge = layer._check_merge(names, keep="sparse")
+                checked = layer._check_merge(names, keep="sparse")
+                layer._sparse_opd_checked_merge = None if shared else checked
             yield
         finally:
             for layer in layers.values():

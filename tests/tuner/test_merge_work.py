@@ -207,3 +207,24 @@ def test_bf16_merged_forward_is_the_unmerged_forward(subspace, ids):
         out = pm(ids).logits
         pm.merge_adapter()
         assert torch.equal(pm(ids).logits, out)
+
+
+def test_a_shared_base_weight_makes_every_layer_check_itself(builds):
+    """Two adapted layers over one base weight (e.g. weights tied after injection): a write changes what the other
+    layer's check saw, so no check result is handed over; each layer checks again before its write (2 builds), and the
+    merged weight is both deltas applied in turn."""
+    pm = _model()
+    layers = _layers(pm)
+    a, b = layers["model.layers.0.mlp.gate_proj"], layers[UP]
+    b.get_base_layer().weight = a.get_base_layer().weight  # same Parameter object: same storage
+    w0 = a.get_base_layer().weight.detach().clone()
+    expected = w0.view(-1).clone()
+    for layer in (a, b):
+        idx = layer.sparse_opd_indices["default"].long()
+        expected[idx] = expected[idx] + layer.get_delta_weight("default").view(-1)[idx]
+    builds.clear()
+    pm.merge_adapter()
+    assert builds[(a.module_name, "default")] == 2 and builds[(b.module_name, "default")] == 2
+    assert builds[(DOWN, "default")] == 2  # every layer, not only the two sharing a weight
+    torch.testing.assert_close(a.get_base_layer().weight.detach().view(-1), expected, rtol=0, atol=1e-7)
+    assert all(getattr(layer, "_sparse_opd_checked_merge", None) is None for layer in layers.values())
