@@ -17,7 +17,8 @@
 # LoRA r16, SHiRA and Super-Tuning with the same coordinates, full fine-tuning (step time, peak memory);
 # (c) bitsandbytes 8-bit / 4-bit bases: train, merge, unmerge; (d) 20 OPDTrainer steps on the shipped toy world;
 # (e) only with 2+ GPUs: the README's accelerate FSDP2 recipe (tests/_fsdp_accelerate_check.py on 2 GPUs: values
-# Shard(0), trained values == one process within 1e-3, save_sharded_adapter reloads; OUT/fsdp/fsdp_accelerate.json).
+# Shard(0), trained values == one process within 1 % of the largest, save_sharded_adapter reloads;
+# OUT/fsdp/fsdp_accelerate.json).
 # Writes OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.md (+ each part's own JSON / markdown / log).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,7 +47,7 @@ part() {  # part NAME TIMEOUT_S COMMAND...: run with a timeout, log to OUT/NAME.
 
 if [ "$MODE" = gpu ]; then
   part tests 120 "$PY" -m pytest -p no:warnings -q tests/tuner/test_cuda_kernels.py tests/tuner/test_layer_math.py
-  part step 210 "$PY" benchmarks/bench_adapter_step.py --preset gpu --out-dir "$OUT"
+  part step 180 "$PY" benchmarks/bench_adapter_step.py --preset gpu --out-dir "$OUT"
   part bnb 60 "$PY" benchmarks/gpu_check_extras.py bnb --device cuda --out "$OUT"
   part opd 90 "$PY" benchmarks/gpu_check_extras.py opd --device cuda --steps 20 --out "$OUT"
   if [ "$("$PY" -c "import torch; print(torch.cuda.device_count())")" -ge 2 ]; then

@@ -5,9 +5,10 @@
 #
 #     bash benchmarks/gpu_wheels.sh            # -> .whl/ (ignored by git; ~45 MB, the device call carries <= 64 MiB)
 #
-# then one device call (`run` with carry [".whl"], timeout ~540 s) with the command this script prints last: it
-# installs the wheels into /tmp/site, runs gpu_check.sh into /tmp/gc and hands back gpu_check.md, status.json and a
-# tarball of everything (a device call returns at most 8 files).
+# then one device call (`run` with carry [".whl"], timeout_s 560) with the command this script prints last: it
+# installs the wheels into /tmp/site, runs gpu_check.sh into /tmp/gc under its own 470 s limit (its parts' limits sum
+# to 450 s) so that the packing after it always runs, and hands back gpu_check.md, status.json and a tarball of
+# everything (a device call returns at most 8 files).
 #
 # (Python 3.12 manylinux x86_64 wheels: the image's python3, seen as 3.12.3 at /opt/torch/.venv.)
 set -euo pipefail
@@ -23,5 +24,5 @@ ls -la .whl
 du -sh .whl
 cat <<'CMD'
 device command:
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && PYTHON=python3 PYTHONUNBUFFERED=1 bash benchmarks/gpu_check.sh /tmp/gc; rc=$?; tar czf $OUT/gc.tgz -C /tmp gc; cp /tmp/gc/gpu_check.md /tmp/gc/status.json $OUT/; exit $rc
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD && PYTHON=python3 PYTHONUNBUFFERED=1 timeout -k 5 470 bash benchmarks/gpu_check.sh /tmp/gc; rc=$?; tar czf $OUT/gc.tgz -C /tmp gc; cp /tmp/gc/gpu_check.md /tmp/gc/status.json $OUT/; exit $rc
 CMD

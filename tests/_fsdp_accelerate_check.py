@@ -12,12 +12,12 @@ DDP over gloo; accelerate 1.15 has no CPU FSDP path and its launcher starts CPU 
 proves the script itself runs.
 
 Every process builds the tiny Qwen3 of ``_fsdp_check.py`` in bfloat16 with a float32 adapter (a GPU-style bf16
-base), ``accelerator.prepare(model, optimizer)``, trains ``STEPS`` AdamW steps on its slice of the fixed global
+base), ``accelerator.prepare(model, optimizer)``, trains ``STEPS`` SGD steps on its slice of the fixed global
 batches and saves with :func:`sparse_opd_peft.distributed.save_sharded_adapter`. The main process then trains the
 same model unsharded in one process on the whole global batches (the reference), reloads the saved adapter into a
 fresh base and writes ``DIR/fsdp_accelerate.json``: the distributed type, the values' placements, the largest
 difference of the trained values and of the reloaded model's logits from the reference, and ``ok`` (values within
-``--tol``; with ``--expect-sharded`` also every value a ``Shard(0)`` DTensor). Exit status 1 when not ok.
+``--tol`` times the largest reference value; with ``--expect-sharded`` also every value a ``Shard(0)`` DTensor). Exit status 1 when not ok.
 """
 
 from __future__ import annotations
@@ -31,7 +31,12 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fsdp_check import GLOBAL_BATCH, LR, STEPS, global_batch, peft_student, placements, tiny_model  # noqa: E402
+from _fsdp_check import GLOBAL_BATCH, STEPS, global_batch, peft_student, placements, tiny_model  # noqa: E402
+
+# SGD, not AdamW: AdamW's first steps move every value by about lr whatever the gradient's size, so a near-zero
+# gradient whose sign differs between the sharded and the one-process run (bf16 GEMMs of other shapes on a GPU)
+# would move a value by 2 lr; with SGD a difference in the gradient stays a difference of its own size.
+SGD_LR = 1.0
 
 
 def _values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -42,7 +47,7 @@ def _values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def reference(device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One process, no sharding, the whole global batches: the trained values and the logits of batch 0."""
     model = peft_student(dtype=torch.bfloat16).to(device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=SGD_LR)
     model.train()
     for step in range(STEPS):
         ids = global_batch(step).to(device)
@@ -63,7 +68,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--tol", type=float, default=1e-3, help="largest allowed |value - reference|")
+    parser.add_argument(
+        "--tol", type=float, default=1e-2, help="largest allowed |value - reference| / largest |reference value|"
+    )
     parser.add_argument("--expect-sharded", action="store_true", help="not ok unless every value is a Shard(0) DTensor")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -75,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     per_rank = GLOBAL_BATCH // world
 
     model = peft_student(dtype=torch.bfloat16)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=SGD_LR)
     model, opt = acc.prepare(model, opt)
     losses = []
     model.train()
@@ -112,7 +119,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "max_abs_logit_diff": float((logits - ref_logits).abs().max()),
         "tol": args.tol,
     }
-    report["ok"] = report["same_names"] and value_diff <= args.tol
+    report["ok"] = report["same_names"] and value_diff <= args.tol * report["max_abs_value"]
     if args.expect_sharded:
         report["ok"] = report["ok"] and report["placements"] == [str([["Shard", 0]])]
     (out / "fsdp_accelerate.json").write_text(json.dumps(report, indent=1) + "\n")
