@@ -103,7 +103,8 @@ NOT_KEPT = [
     ("sampled_token, position baseline, lr 5e-4 / 2e-3 instead of 1e-3", "83.2 / 27.3"),
     (
         "sampled_token, position baseline, rollouts at temperature 1.5 / 1.25 / 2.0 with per-token importance weights "
-        "capped at 5, an earlier implementation (the current one is probe `is_t<T>`), seed 0",
+        "capped at 5, an earlier implementation whose code was not kept (its baseline and weighting may differ from "
+        "probe `is_t<T>`, which gives 85.2 at temperature 1.5, seed 0), seed 0",
         "92.1 / 92.3 / 81.8 (1.5, seeds 1 / 2: 87.9 / 82.8)",
     ),
     ("sampled_token, position baseline, rollouts at temperature 1.5 without importance weights", "85.7"),
@@ -233,7 +234,10 @@ def main() -> None:
             gap = f"{100 * (statistics.mean(accs) - ref_mean):+.1f}" if ref_mean is not None else ""
             by_seed = ", ".join(f"{100 * r['acc']:.1f} (s{r['seed']})" for r in rs)
             kls = " / ".join(f"{statistics.mean(r['kl_1_40_last'][i] for r in rs):.2f}" for i in range(3))
-            lines.append(f"| `{name}` | {rs[0]['what']} | {by_seed} | {_fmt(accs)} | {gap} | {kls} |")
+            what = rs[0]["what"]
+            if "beta_1_40_last" in rs[0]:
+                what += ": β " + " / ".join(f"{b:.2f}" for b in rs[0]["beta_1_40_last"])
+            lines.append(f"| `{name}` | {what} | {by_seed} | {_fmt(accs)} | {gap} | {kls} |")
     if NOT_KEPT:
         lines += ["", "Also tried by an earlier session (seed 0, same budget; code not kept):", ""]
         lines += [f"- {what}: {acc} %" for what, acc in NOT_KEPT]

@@ -8,11 +8,12 @@ objective of a micro-batch:
 * ``cv_<β>`` / ``cv_fit``: a token-level control variate. The reverse-KL gradient at a prefix is
   ``E_y[r(y) ∇log p_s(y)]`` (``r = log p_s - log p_T``); subtracting ``β log p_s(y) ∇log p_s(y)`` and adding back its
   exact expectation ``β ∇(-H(p_s))`` (computable: the student's whole distribution is at hand) keeps it unbiased.
-  ``β`` fixed, or fitted per batch as the least-squares slope of ``r`` on ``log p_s`` (≈ -2.4 at the start); then the
-  per-position leave-one-out baseline, as ``st_base``. ``β = 1`` is the Rao-Blackwellised student term.
-* ``k3``: verl's ``low_var_kl`` used as a loss (``k3 = e^{-r} + r - 1`` on the sampled token, log-ratio clamped to
-  ±10, differentiated through ``log p_s``): its gradient is an unbiased estimate of ``∇ KL(p_T || p_s)``, the
-  *forward* KL, from the sampled token's teacher log-prob alone.
+  ``β`` fixed, or fitted per batch as the least-squares slope of ``r`` on ``log p_s`` (recorded per step; fitted on
+  the batch it is applied to, so unbiased only up to that fit); then the per-position leave-one-out baseline, as
+  ``st_base``. ``β = 1`` is the Rao-Blackwellised student term.
+* ``k3``: verl's ``low_var_kl`` used as a loss (``k3 = e^{-r} + r - 1`` on the sampled token with verl's clamps: the
+  log-ratio to ±20, k3 to ±10; differentiated through ``log p_s``): unclamped, its gradient is an unbiased estimate
+  of ``∇ KL(p_T || p_s)``, the *forward* KL, from the sampled token's teacher log-prob alone.
 * ``k3_mix``: half ``st_base``'s loss + half ``k3``.
 * ``is_t<T>``: rollouts sampled at temperature ``T`` (more of the tokens the teacher rejects get sampled), each
   token's advantage weighted back to the student's own distribution by ``w = p_s(y) / p_sampler(y)`` (tinker's
@@ -40,14 +41,14 @@ WHAT = {
     "cv_0": "control-variate code path with β = 0 (= st_base, baseline computed inside the objective)",
     "cv_-1": "token-level control variate β log p_s(y), β = -1, exact expectation β ∇(-H) added, position baseline",
     "cv_1": "the same with β = 1 (the student's own term exact: Rao-Blackwellised)",
-    "cv_fit": "the same with β fitted per batch (least-squares slope of r on log p_s; -2.4 at step 1, -1.2 at the end)",
-    "k3": "verl's k3 (low_var_kl) as the loss on the sampled token: the forward-KL gradient, clamp ±10",
+    "cv_fit": "the same with β fitted per batch (least-squares slope of r on log p_s; β at steps 1 / 40 / last after it)",
+    "k3": "verl's k3 (low_var_kl, its clamps) as the loss on the sampled token: the forward-KL gradient",
     "k3_mix": "half st_base + half k3",
     **{
         f"is_t{t}{'' if cap else '_nocap'}": (
             f"rollouts at temperature {t}, per-token importance weights w = p_s(y) / p_sampler(y)"
             + (f" capped at {cap}" if cap else " (uncapped)")
-            + ": A = w (-r - b), b the position leave-one-out mean of -r"
+            + ": A = w (-r - b), b the position leave-one-out mean of -r (its kl column is measured on the tempered samples)"
         )
         for t in (1.25, 1.5)
         for cap in (5.0, None)
@@ -66,6 +67,10 @@ def _trainer_class():
         """OPDTrainer whose sampled-token micro-batch objective is ``probe`` (see the module docstring)."""
 
         probe = "cv_0"
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.betas: list[float] = []  # the control variate's β per step (cv_ probes)
 
         def _probe_loss(self, b) -> tuple[torch.Tensor, dict[str, float]]:
             ro = b.rollout
@@ -99,13 +104,16 @@ def _trainer_class():
                     beta = float((dl * (r - (r * m).sum() / n)).sum() / (dl.square().sum() + 1e-8))
                 else:
                     beta = float(self.probe[3:])
+                self.betas.append(beta)
                 a = -(r - beta * ls.detach()) * mask
                 a = (a - L.leave_one_out_baseline(a, mask)) * mask
                 negent = _grid(out.divergence, mask)
                 loss = L.policy_gradient_loss(ls, a, mask, 1.0) + beta * (negent * mask).sum()
             else:
-                d = (lp_t - ls).clamp(-10.0, 10.0)  # log p_T - log p_s, differentiable through log p_s
-                loss = ((d.exp() - d - 1.0) * mask).sum()
+                # verl's low_var_kl: log-ratio log p_T - log p_s clamped to ±20, k3 clamped to ±10 (no gradient
+                # beyond), differentiable through log p_s
+                d = (lp_t - ls).clamp(-20.0, 20.0)
+                loss = ((d.exp() - d - 1.0).clamp(-10.0, 10.0) * mask).sum()
                 if self.probe == "k3_mix":
                     a = -r
                     a = (a - L.leave_one_out_baseline(a, mask)) * mask
@@ -131,13 +139,21 @@ def run_probe(world, probe: str, seed: int, steps: int) -> dict:
         raise SystemExit("the probes compute their baseline inside one micro-batch: grad_accum must be 1")
     cls = _trainer_class()
     cls.probe = probe
-    model, history, secs = opd_run(world.load_student(), world, run, trainer_cls=cls)
+    betas: list[float] = []
+
+    class Recording(cls):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.betas = betas
+
+    model, history, secs = opd_run(world.load_student(), world, run, trainer_cls=Recording)
     kl = [h["kl"] for h in history]
     return {
         "probe": probe, "what": WHAT[probe], "seed": seed, "steps": steps, "world": world.key,
         "acc": heldout_accuracy(model, world, "add", 2000),
         "kl_1_40_last": [round(kl[0], 3), round(kl[min(39, len(kl) - 1)], 3), round(kl[-1], 3)],
         "train_seconds": round(secs, 1),
+        **({"beta_1_40_last": [round(betas[i], 3) for i in (0, min(39, len(betas) - 1), -1)]} if betas else {}),
     }  # fmt: skip
 
 
@@ -146,7 +162,9 @@ def main() -> None:
     from sparse_opd_peft.lab.toy import load_world
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--probes", nargs="+", default=["cv_0", "cv_-1", "cv_fit", "k3", "k3_mix"], choices=sorted(WHAT))
+    ap.add_argument(
+        "--probes", nargs="+", default=["cv_0", "cv_-1", "cv_1", "cv_fit", "k3", "k3_mix"], choices=sorted(WHAT)
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--steps", type=int, default=250)
     ap.add_argument("--out", default=str(OUT))
