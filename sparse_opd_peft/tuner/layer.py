@@ -279,9 +279,16 @@ class SparseOPDLayer(BaseTunerLayer):
         return _CheckedMerge(tuple(names), tuple(kept))
 
     def _write_merge(self, checked: _CheckedMerge) -> None:
-        """Write the adapters of a passed check in turn, with the ΔWs it kept (building the others again)."""
+        """Write the adapters of a passed check in turn, with the ΔWs it kept (building the others again).
+
+        Several sparse-only adapters merged together into a float base are written with one rounding,
+        ``dtype(float32(W) + ΔW_1 + ΔW_2 ...)`` (:meth:`_merge_sparse_group`), exactly what the unmerged forward
+        computes with them active; any other merge rounds after each adapter."""
         base = self.get_base_layer()
         quantized = bnb.quantized_kind(base) is not None
+        if not quantized and len(checked.names) > 1 and not any(n in self.sparse_opd_coeff for n in checked.names):
+            self._merge_sparse_group(base, checked)
+            return
         for name, kept in zip(checked.names, checked.deltas, strict=True):
             if quantized:
                 self._merge_quantized(name, base, kept if kept is not None else self.get_delta_weight(name))
@@ -316,6 +323,32 @@ class SparseOPDLayer(BaseTunerLayer):
             flat[coords] = new
         self._merge_backup[name] = (coords, backup)
         self.last_merge_report[name] = {"coords": int(visible.numel()), "visible": int(visible.sum())}
+
+    def _merge_sparse_group(self, base: nn.Module, checked: _CheckedMerge) -> None:
+        """Merge several sparse-only adapters with one rounding per entry: the float32 sum runs over the adapters in
+        order (as the forward's patched entries do) and is rounded once. Each adapter's backup holds the entries at
+        its coordinates as a merge of the adapters before it alone would have left them (``dtype(float32(W) +
+        ΔW_1 + ... + ΔW_{i-1})``), so :meth:`unmerge`, which restores the backups in reverse order, passes through
+        those states and ends at the original weight bit for bit."""
+        weight = base.weight
+        flat = weight.data.view(-1)
+        coords = {n: self.sparse_opd_indices[n].long() for n in checked.names}
+        union, inverse = torch.unique(torch.cat(list(coords.values())), return_inverse=True)
+        running = flat[union].to(torch.float32)  # float32(W) at the union, then + ΔW_i in turn
+        start = 0
+        for name, kept in zip(checked.names, checked.deltas, strict=True):
+            idx = coords[name]
+            d = kept if kept is not None else self.get_delta_weight(name).view(-1)[idx]
+            where = inverse[start : start + idx.numel()]
+            start += idx.numel()
+            backup = running[where].to(weight.dtype)  # the state before this adapter, rounded once
+            old = backup.to(torch.float32)
+            visible = visible_update(old, d)
+            running.index_add_(0, where, d.to(torch.float32))
+            self._merge_backup[name] = (idx, backup)
+            self.last_merge_report[name] = {"coords": int(visible.numel()), "visible": int(visible.sum())}
+            self.merged_adapters.append(name)
+        flat[union] = running.to(weight.dtype)
 
     def _merge_quantized(self, name: str, base: nn.Module, delta: torch.Tensor) -> None:
         before = bnb.dequantize(base)

@@ -62,10 +62,18 @@ def builds(monkeypatch):
 
 
 def _expected_merge(pm):
-    """``dtype(float32(W) + ΔW)`` per adapter in turn (the formula the merge writes), from the unmerged model."""
+    """``dtype(float32(W) + ΔW)`` per adapter in turn (the formula the merge writes), from the unmerged model; several
+    sparse-only adapters together: ``dtype(float32(W) + ΔW_1 + ΔW_2 ...)``, one rounding."""
     expected = {}
     for name, layer in _layers(pm).items():
         w = layer.get_base_layer().weight.detach().clone()
+        if len(layer.active_adapters) > 1 and not any(a in layer.sparse_opd_coeff for a in layer.active_adapters):
+            acc = w.float().view(-1)
+            for adapter in layer.active_adapters:
+                idx = layer.sparse_opd_indices[adapter].long()
+                acc[idx] += layer.get_delta_weight(adapter).view(-1)[idx]
+            expected[name] = acc.to(w.dtype).view_as(w)
+            continue
         for adapter in layer.active_adapters:
             delta = layer.get_delta_weight(adapter)
             if adapter in layer.sparse_opd_coeff:
@@ -201,12 +209,53 @@ def test_merged_forward_matches_unmerged(subspace, ids):
 @pytest.mark.parametrize("subspace", [False, True])
 def test_bf16_merged_forward_is_the_unmerged_forward(subspace, ids):
     """bf16, one adapter: the unmerged forward computes with dtype(float32(W) + ΔW), exactly what the merge writes.
-    (Two adapters are not bit-equal: the merge rounds after each adapter, the forward rounds their sum once.)"""
+    (Two sparse adapters: :func:`test_bf16_two_sparse_adapters_merge_with_one_rounding`.)"""
     pm = _model(dtype=torch.bfloat16, subspace=subspace)
     with torch.no_grad():
         out = pm(ids).logits
         pm.merge_adapter()
         assert torch.equal(pm(ids).logits, out)
+
+
+def test_bf16_two_sparse_adapters_merge_with_one_rounding(ids):
+    """Two sparse adapters with overlapping coordinates merged together into a bf16 base: one rounding per entry, so
+    the merged forward is the unmerged forward bit for bit (rounding after each adapter would differ), and unmerge
+    restores the original weights bit for bit; merged in two calls, each call rounds once (and unmerge again restores
+    the original)."""
+    pm = _model(dtype=torch.bfloat16, second=True)
+    with torch.no_grad():  # large enough values that rounding twice and rounding once differ somewhere
+        for name, prm in pm.named_parameters():
+            if "sparse_opd_" in name:
+                prm.mul_(40.0)
+    layers = _layers(pm)
+    overlap = sum(
+        int(torch.isin(layer.sparse_opd_indices["default"], layer.sparse_opd_indices["second"]).sum())
+        for layer in layers.values()
+    )
+    assert overlap > 100
+    w0 = _weights(pm)
+    twice = {}  # what rounding after each adapter would write
+    for name, layer in layers.items():
+        w = layer.get_base_layer().weight.detach().clone().view(-1)
+        for adapter in ("default", "second"):
+            idx = layer.sparse_opd_indices[adapter].long()
+            w[idx] = (w[idx].float() + layer.get_delta_weight(adapter).view(-1)[idx]).to(w.dtype)
+        twice[name] = w
+    with torch.no_grad():
+        out = pm(ids).logits
+        pm.merge_adapter()
+        assert torch.equal(pm(ids).logits, out)
+        differs = sum(int((ly.get_base_layer().weight.view(-1) != twice[n]).sum()) for n, ly in layers.items())
+        assert differs > 0  # the test would notice a merge that rounds twice
+        assert all(set(layer.last_merge_report) == {"default", "second"} for layer in layers.values())
+        pm.unmerge_adapter()
+        assert all(torch.equal(w0[n], w) for n, w in _weights(pm).items())
+        assert torch.equal(pm(ids).logits, out)
+        pm.merge_adapter(["default"])  # merged in two calls: each call rounds once, so twice in all
+        pm.merge_adapter(["second"])
+        assert all(torch.equal(layer.get_base_layer().weight.view(-1), twice[n]) for n, layer in layers.items())
+        pm.unmerge_adapter()
+        assert all(torch.equal(w0[n], w) for n, w in _weights(pm).items())
 
 
 def test_a_shared_base_weight_makes_every_layer_check_itself(builds):
