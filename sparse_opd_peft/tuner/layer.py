@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -31,10 +31,8 @@ from .storage import index_dtype
 @dataclass
 class _CheckedMerge:
     """What :meth:`SparseOPDLayer._check_merge` hands to the write: the adapters it checked (in merge order) and per
-    adapter the ΔW it built, kept for the write so that it is not built again, or None (the write builds it again).
-
-    A kept ΔW is ``ΔW.view(-1)[coords]`` (nnz,) float32 for a sparse-only adapter on a float base, or the dense
-    (out, in) float32 ΔW (an adapter with a subspace, or any adapter on a bitsandbytes base)."""
+    adapter the dense (out, in) float32 ΔW it built and kept for the write (an adapter with a subspace, or any adapter
+    on a bitsandbytes base), or None (a sparse-only adapter's write reads its values; any other builds ΔW again)."""
 
     names: tuple[str, ...]
     deltas: tuple[Optional[torch.Tensor], ...]
@@ -212,10 +210,9 @@ class SparseOPDLayer(BaseTunerLayer):
         that survived requantization (bitsandbytes bases).
 
         Every merge is checked first, ``safe_merge`` or not (see :meth:`check_merge`): a non-finite result raises and
-        writes nothing. Called directly, the layer checks itself and builds each adapter's ΔW once, for the check,
-        then writes with it: it keeps ``ΔW[coords]`` (nnz floats) of each sparse-only adapter and the dense ΔW of at
-        most one adapter with a subspace (or on a bitsandbytes base) from the check to the write; any other is built
-        once more for the write. Within a model-level merge the model has checked every layer first
+        writes nothing. Called directly, the layer checks itself and builds each adapter's ΔW once, for the check:
+        a sparse-only adapter's write reads its values, the dense ΔW of at most one adapter with a subspace (or on a
+        bitsandbytes base) is kept from the check to the write, and any other is built once more for the write. Within a model-level merge the model has checked every layer first
         (:meth:`SparseOPDModel._checked_merge`) and this layer writes what that check handed it, without checking
         again.
         """
@@ -224,36 +221,40 @@ class SparseOPDLayer(BaseTunerLayer):
         checked, self._sparse_opd_checked_merge = getattr(self, "_sparse_opd_checked_merge", None), None
         if checked is None or checked.names != tuple(adapter_names):
             # always (safe_merge or not): a non-finite merge writes nothing
-            checked = self._check_merge(adapter_names, keep="one_dense")
+            checked = self._check_merge(adapter_names, keep_dense=True)
         self._write_merge(checked)
 
     def check_merge(self, adapter_names: list[str]) -> None:
         """Raise ``ValueError`` (naming the module, the adapter and the fix) if merging ``adapter_names`` in turn
         would write a non-finite weight entry that was finite before: NaN / inf adapter values, or a sum that
         overflows the weight's dtype (float16: |W + ΔW| > 65504). Nothing is modified."""
-        self._check_merge(adapter_names, keep="none")
+        self._check_merge(adapter_names, keep_dense=False)
 
-    def _check_merge(self, adapter_names: list[str], keep: Literal["none", "sparse", "one_dense"]) -> _CheckedMerge:
+    def _check_merge(self, adapter_names: list[str], keep_dense: bool) -> _CheckedMerge:
         """:meth:`check_merge`, building each adapter's ΔW once, and return the checked adapters with the ΔWs to keep
         for the write (:class:`_CheckedMerge`).
 
-        ``keep``: ``"none"`` keeps nothing; ``"sparse"`` keeps ``ΔW[coords]`` (nnz,) float32 of each sparse-only
-        adapter on a float base (the write needs no more of it; the dense ΔW is dropped); ``"one_dense"``
-        additionally keeps the dense ΔW of the last adapter that needs one (a subspace, or a bitsandbytes base), so
-        at most one dense ΔW outlives the check. The check's own temporaries (the running ``W + ΔW``) are dropped.
+        The check follows the write: entries rounded after each adapter, or once for a group of sparse-only adapters
+        (:meth:`_write_merge`), every intermediate state checked (unmerge passes through them). ``keep_dense``: keep
+        the dense ΔW of the last adapter whose write needs one (a subspace, or a bitsandbytes base), so at most one
+        dense ΔW outlives the check; a sparse-only adapter's write needs none (:meth:`_coord_delta`).
         """
         base = self.get_base_layer()
         quantized = bnb.quantized_kind(base) is not None
         work = bnb.dequantize(base) if quantized else base.weight.detach()
         names = [n for n in adapter_names if n in self.sparse_opd_values or n in self.sparse_opd_coeff]
+        group = self._merges_as_group(names, quantized)
         dense = [quantized or n in self.sparse_opd_coeff for n in names]  # the write needs the dense ΔW
-        keep_dense_at = max((i for i, d in enumerate(dense) if d), default=-1) if keep == "one_dense" else -1
+        keep_dense_at = max((i for i, d in enumerate(dense) if d), default=-1) if keep_dense else -1
         kept: list[Optional[torch.Tensor]] = []
+        running = work.to(accumulate_dtype(work.dtype))
         for index, name in enumerate(names):
             delta = self.get_delta_weight(name)
             moved = delta.to(work.device)
-            new = work.to(accumulate_dtype(work.dtype)) + moved
-            new = new if quantized else new.to(work.dtype)
+            running = running + moved
+            new = running if quantized else running.to(work.dtype)
+            if not (quantized or group):
+                running = new.to(running.dtype)  # rounded after each adapter, as that write does
             bad = ~torch.isfinite(new) & torch.isfinite(work)
             if bool(bad.any()):
                 count = int(bad.sum())
@@ -269,14 +270,18 @@ class SparseOPDLayer(BaseTunerLayer):
                     f"entr{'y' if count == 1 else 'ies'}: {why}. Nothing was merged; the weights are unchanged"
                 )
             work = new
-            if keep == "none":
-                kept.append(None)
-            elif not dense[index]:
-                kept.append(delta.view(-1)[self.sparse_opd_indices[name].long()])
-            else:
-                kept.append(delta if index == keep_dense_at else None)
+            kept.append(delta if index == keep_dense_at else None)
             del delta, moved, new, bad
         return _CheckedMerge(tuple(names), tuple(kept))
+
+    def _merges_as_group(self, names: list[str], quantized: bool) -> bool:
+        """Several sparse-only adapters merged together into a float base: one rounding (:meth:`_merge_sparse_group`)."""
+        return not quantized and len(names) > 1 and not any(n in self.sparse_opd_coeff for n in names)
+
+    def _coord_delta(self, name: str) -> torch.Tensor:
+        """``ΔW.view(-1)[coords]`` (nnz,) float32 of a sparse-only adapter without building ΔW: its values in float32,
+        ``+ 0`` as the dense scatter into zeros gives (``-0.0`` becomes ``0.0``)."""
+        return self.sparse_opd_values[name].detach().to(torch.float32) + 0.0
 
     def _write_merge(self, checked: _CheckedMerge) -> None:
         """Write the adapters of a passed check in turn, with the ΔWs it kept (building the others again).
@@ -286,7 +291,7 @@ class SparseOPDLayer(BaseTunerLayer):
         computes with them active; any other merge rounds after each adapter."""
         base = self.get_base_layer()
         quantized = bnb.quantized_kind(base) is not None
-        if not quantized and len(checked.names) > 1 and not any(n in self.sparse_opd_coeff for n in checked.names):
+        if self._merges_as_group(list(checked.names), quantized):
             self._merge_sparse_group(base, checked)
             return
         for name, kept in zip(checked.names, checked.deltas, strict=True):
@@ -303,7 +308,8 @@ class SparseOPDLayer(BaseTunerLayer):
         self._sparse_opd_pending.discard(adapter_name)
 
     def _merge_dense(self, name: str, base: nn.Module, kept: Optional[torch.Tensor]) -> None:
-        """``kept``: the check's dense ΔW (with a subspace) or ``ΔW[coords]`` (sparse-only), or None to build ΔW."""
+        """``kept``: the check's dense ΔW of an adapter with a subspace, or None (built again; a sparse-only adapter
+        reads its values, :meth:`_coord_delta`)."""
         weight = base.weight
         flat = weight.data.view(-1)
         if name in self.sparse_opd_coeff:
@@ -313,7 +319,7 @@ class SparseOPDLayer(BaseTunerLayer):
         else:
             coords = self.sparse_opd_indices[name].long()
             backup = flat[coords].clone()
-            d = kept if kept is not None else self.get_delta_weight(name).view(-1)[coords]
+            d = self._coord_delta(name)
         old = backup.reshape(-1).to(torch.float32)
         new = (old + d).to(weight.dtype)
         visible = visible_update(old, d)
@@ -325,8 +331,9 @@ class SparseOPDLayer(BaseTunerLayer):
         self.last_merge_report[name] = {"coords": int(visible.numel()), "visible": int(visible.sum())}
 
     def _merge_sparse_group(self, base: nn.Module, checked: _CheckedMerge) -> None:
-        """Merge several sparse-only adapters with one rounding per entry: the float32 sum runs over the adapters in
-        order (as the forward's patched entries do) and is rounded once. Each adapter's backup holds the entries at
+        """Merge several sparse-only adapters with one rounding per entry: the sum (float32, float64 for a float64
+        base: the forward's accumulation dtype) runs over the adapters in order (as the forward's patched entries
+        do) and is rounded once. Each adapter's backup holds the entries at
         its coordinates as a merge of the adapters before it alone would have left them (``dtype(float32(W) +
         ΔW_1 + ... + ΔW_{i-1})``), so :meth:`unmerge`, which restores the backups in reverse order, passes through
         those states and ends at the original weight bit for bit."""
@@ -334,17 +341,17 @@ class SparseOPDLayer(BaseTunerLayer):
         flat = weight.data.view(-1)
         coords = {n: self.sparse_opd_indices[n].long() for n in checked.names}
         union, inverse = torch.unique(torch.cat(list(coords.values())), return_inverse=True)
-        running = flat[union].to(torch.float32)  # float32(W) at the union, then + ΔW_i in turn
+        running = flat[union].to(accumulate_dtype(weight.dtype))  # W at the union, then + ΔW_i in turn
         start = 0
-        for name, kept in zip(checked.names, checked.deltas, strict=True):
+        for name in checked.names:
             idx = coords[name]
-            d = kept if kept is not None else self.get_delta_weight(name).view(-1)[idx]
+            d = self._coord_delta(name)
             where = inverse[start : start + idx.numel()]
             start += idx.numel()
             backup = running[where].to(weight.dtype)  # the state before this adapter, rounded once
             old = backup.to(torch.float32)
             visible = visible_update(old, d)
-            running.index_add_(0, where, d.to(torch.float32))
+            running.index_add_(0, where, d.to(running.dtype))
             self._merge_backup[name] = (idx, backup)
             self.last_merge_report[name] = {"coords": int(visible.numel()), "visible": int(visible.sum())}
             self.merged_adapters.append(name)

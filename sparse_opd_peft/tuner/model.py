@@ -245,11 +245,10 @@ class SparseOPDModel(BaseTuner):
 
         A merge that would write NaN / inf anywhere (NaN values, a float16 overflow) raises ``ValueError`` naming the
         module and the fix before any weight is touched, with or without ``safe_merge``. Each layer's check builds
-        each adapter's ΔW once (:meth:`SparseOPDLayer._check_merge` with ``keep="sparse"``); the layer's ``merge``
-        then writes without checking again. Memory held from the check pass to the writes: ``ΔW[coords]`` of every
-        sparse-only adapter on a float base, nnz float32 per adapter and layer (the size of the adapter's float32
-        values), released as each layer merges; no dense ΔW of any layer outlives its check, so an adapter with a
-        subspace, or on a bitsandbytes base, is built once more for its write. Only the model-level path trusts a
+        each adapter's ΔW once (:meth:`SparseOPDLayer._check_merge`); the layer's ``merge`` then writes without
+        checking again. Nothing is held from the check pass to the writes: a sparse-only adapter's write reads its
+        values (:meth:`SparseOPDLayer._coord_delta`), and no dense ΔW of any layer outlives its check, so an adapter
+        with a subspace, or on a bitsandbytes base, is built once more for its write. Only the model-level path trusts a
         previous check: a layer merged outside this context (or asked for other adapters than were checked) checks
         itself, and so does every layer when two adapted layers share one base weight (a write could then change what
         another layer's check saw).
@@ -261,7 +260,7 @@ class SparseOPDModel(BaseTuner):
             for layer in layers.values():
                 names = adapter_names if adapter_names is not None else layer.active_adapters
                 names = [n for n in names if n not in layer.merged_adapters]
-                checked = layer._check_merge(names, keep="sparse")
+                checked = layer._check_merge(names, keep_dense=False)
                 layer._sparse_opd_checked_merge = None if shared else checked
             yield
         finally:

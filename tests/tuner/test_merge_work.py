@@ -182,7 +182,7 @@ def test_a_check_is_only_trusted_for_the_adapters_it_checked(builds):
     """A layer handed a check for other adapters than it is asked to merge checks itself again."""
     pm = _model(second=True)
     layer = _layers(pm)[UP]
-    layer._sparse_opd_checked_merge = layer._check_merge(["default"], keep="sparse")
+    layer._sparse_opd_checked_merge = layer._check_merge(["default"], keep_dense=False)
     with torch.no_grad():
         layer.sparse_opd_values["second"][0] = float("inf")
     weight = layer.get_base_layer().weight.detach().clone()
@@ -277,3 +277,16 @@ def test_a_shared_base_weight_makes_every_layer_check_itself(builds):
     assert builds[(DOWN, "default")] == 2  # every layer, not only the two sharing a weight
     torch.testing.assert_close(a.get_base_layer().weight.detach().view(-1), expected, rtol=0, atol=1e-7)
     assert all(getattr(layer, "_sparse_opd_checked_merge", None) is None for layer in layers.values())
+
+
+def test_float64_two_sparse_adapters_merge_and_unmerge_exactly(ids):
+    """A float64 base with two sparse adapters merged together: the sum runs in float64 (the forward's accumulation
+    dtype), so the merged forward is the unmerged one and unmerge restores the original weights bit for bit."""
+    pm = _model(dtype=torch.float64, second=True)
+    w0 = _weights(pm)
+    with torch.no_grad():
+        out = pm(ids).logits
+        pm.merge_adapter()
+        assert torch.equal(pm(ids).logits, out)
+        pm.unmerge_adapter()
+    assert all(torch.equal(w0[n], w) for n, w in _weights(pm).items())
