@@ -12,10 +12,10 @@ from typing import Any, Optional, Union
 from peft.config import PeftConfig
 
 from ..choices import SAVE_DTYPES
+from .peft_type import FORMAT_VERSION as CONFIG_FORMAT_VERSION
 from .peft_type import PEFT_TYPE
 
 GRAD_PATHS = ("auto", "dense_rows", "sampled", "gather")
-CONFIG_FORMAT_VERSION = 2  # 2: positions may be a uint8 Elias-Fano / delta-varint stream (sparse_opd_peft/positions.py)
 # Fields that hold tensors or objects at construction time; they never reach adapter_config.json.
 RUNTIME_ONLY_FIELDS = ("mask", "subspace", "exclude")
 

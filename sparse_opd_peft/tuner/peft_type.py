@@ -1,4 +1,5 @@
-"""The ``SPARSE_OPD`` member of peft's ``PeftType`` enum (added at import time when this peft has none).
+"""The method's identity: the ``SPARSE_OPD`` member of peft's ``PeftType`` enum (added at import time when this peft
+has none), its parameter prefix and its adapter file format version.
 
 peft's ``register_peft_method`` only accepts names that already exist in the ``PeftType`` enum, so the member is
 added here, before :func:`sparse_opd_peft.tuner.registration.register` registers the config and tuner classes. This
@@ -13,6 +14,9 @@ from peft.utils import PeftType
 
 PEFT_NAME = "sparse_opd"
 PREFIX = "sparse_opd_"
+# ``format_version`` of adapter_config.json, and so of adapter_model.safetensors (tuner/storage.py); 2: positions may be
+# a uint8 Elias-Fano / delta-varint stream (sparse_opd_peft/positions.py)
+FORMAT_VERSION = 2
 
 
 def _ensure_peft_type_member() -> PeftType:

@@ -19,8 +19,8 @@ import torch
 
 from ..positions import index_dtype, unpack_coordinates
 from ..safetensors_io import safetensors_nbytes
+from .peft_type import FORMAT_VERSION as ADAPTER_FORMAT_VERSION  # noqa: F401 - named with the format it versions
 
-ADAPTER_FORMAT_VERSION = 2
 FINGERPRINT_SAMPLES = 4096
 
 
