@@ -131,25 +131,34 @@ def _gaps(idx: np.ndarray) -> np.ndarray:
     return np.diff(idx, prepend=np.int64(0)) if idx.size else idx
 
 
-def coordinate_sizes(flat_indices: torch.Tensor, numel: int) -> dict[str, int]:
-    """Bytes each form takes for sorted flat indices (1-D integer tensor) of a weight with ``numel`` entries:
-    ``{"bitmask", "indices", "elias_fano", "varint"}`` (the coded streams' headers included)."""
-    n = int(flat_indices.numel())
+def _positions_and_gaps(flat_indices: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(positions, gaps) of 1-D integer ``flat_indices`` as contiguous 1-D ``int64`` numpy arrays."""
+    idx = np.ascontiguousarray(flat_indices.detach().cpu().long().numpy())
+    return idx, _gaps(idx)
+
+
+def _sizes(gaps: np.ndarray, numel: int) -> dict[str, int]:
+    n = int(gaps.size)
     header = 2 + int(_varint_lengths(np.array([n]))[0])
     low = elias_fano_low_bits(n, numel)
-    idx = flat_indices.detach().cpu().long().numpy()
     return {
         "bitmask": (numel + 7) // 8,
         "indices": n * torch.empty((), dtype=index_dtype(numel)).element_size(),
         "elias_fano": header + sum(_elias_fano_payload_bytes(n, numel, low)),
-        "varint": header + int(_varint_lengths(_gaps(idx)).sum()),
+        "varint": header + int(_varint_lengths(gaps).sum()),
     }
+
+
+def coordinate_sizes(flat_indices: torch.Tensor, numel: int) -> dict[str, int]:
+    """Bytes each form takes for sorted flat indices (1-D integer tensor) of a weight with ``numel`` entries:
+    ``{"bitmask", "indices", "elias_fano", "varint"}`` (the coded streams' headers included)."""
+    return _sizes(_positions_and_gaps(flat_indices)[1], numel)
 
 
 # ---------------------------------------------------------------------------------------------- coded streams
 def _elias_fano_encode(idx: np.ndarray, numel: int, low_bits: int) -> np.ndarray:
     n = idx.size
-    low_bytes, up_bytes = _elias_fano_payload_bytes(n, numel, low_bits)
+    up_bytes = _elias_fano_payload_bytes(n, numel, low_bits)[1]
     bits = np.empty((n, low_bits), dtype=np.uint8)
     for k in range(low_bits):  # one pass per bit plane (low_bits <= 63), each over all positions
         bits[:, k] = (idx >> (low_bits - 1 - k)) & 1
@@ -158,22 +167,21 @@ def _elias_fano_encode(idx: np.ndarray, numel: int, low_bits: int) -> np.ndarray
     return np.concatenate((np.packbits(bits.reshape(-1)), np.packbits(upper))).astype(np.uint8)
 
 
-def encode_positions(flat_indices: torch.Tensor, numel: int, codec: int | None = None) -> torch.Tensor:
-    """Code sorted flat indices (1-D integer tensor, strictly increasing, in ``[0, numel)``) as a stream (see the
-    module docstring): 1-D ``uint8`` tensor. ``codec`` is :data:`CODEC_VARINT`, :data:`CODEC_ELIAS_FANO` or None
-    (the smaller of the two)."""
-    idx = np.ascontiguousarray(flat_indices.detach().cpu().long().numpy())
-    if codec is None:
-        sizes = coordinate_sizes(flat_indices, numel)
-        codec = CODEC_ELIAS_FANO if sizes["elias_fano"] <= sizes["varint"] else CODEC_VARINT
+def _encode(idx: np.ndarray, gaps: np.ndarray, numel: int, codec: int) -> torch.Tensor:
     if codec == CODEC_ELIAS_FANO:
         low = elias_fano_low_bits(idx.size, numel)
         payload = _elias_fano_encode(idx, numel, low)
     elif codec == CODEC_VARINT:
-        low, payload = 0, varint_encode(_gaps(idx))
+        low, payload = 0, varint_encode(gaps)
     else:
         raise ValueError(f"unknown position codec {codec!r} (expected {CODEC_VARINT} or {CODEC_ELIAS_FANO})")
     return torch.from_numpy(np.concatenate((_header(codec, low, idx.size), payload)))
+
+
+def encode_positions(flat_indices: torch.Tensor, numel: int, codec: int) -> torch.Tensor:
+    """Code sorted flat indices (1-D integer tensor, strictly increasing, in ``[0, numel)``) as a stream (see the
+    module docstring): 1-D ``uint8`` tensor. ``codec`` is :data:`CODEC_VARINT` or :data:`CODEC_ELIAS_FANO`."""
+    return _encode(*_positions_and_gaps(flat_indices), numel, codec)
 
 
 def _read_header(data: np.ndarray, numel: int) -> tuple[int, int, int, int]:
@@ -247,14 +255,14 @@ def decode_positions(stream: torch.Tensor, numel: int) -> torch.Tensor:
 def pack_coordinates(flat_indices: torch.Tensor, numel: int) -> tuple[str, torch.Tensor]:
     """The smallest on-disk form of sorted flat indices (1-D integer tensor): ``("bitmask", uint8)``,
     ``("indices", int32 | int64)`` or ``("coded", uint8)`` (:func:`encode_positions`); ties go to the earlier."""
-    sizes = coordinate_sizes(flat_indices, numel)
-    best = min(sizes, key=lambda k: (sizes[k], list(sizes).index(k)))
+    idx, gaps = _positions_and_gaps(flat_indices)
+    sizes = _sizes(gaps, numel)
+    best = min(sizes, key=sizes.get)  # the first smallest, in the order of ``sizes``
     if best == "bitmask":
         return "bitmask", pack_bitmask(flat_indices, numel)
     if best == "indices":
         return "indices", flat_indices.to(index_dtype(numel)).contiguous()
-    codec = CODEC_ELIAS_FANO if best == "elias_fano" else CODEC_VARINT
-    return "coded", encode_positions(flat_indices, numel, codec)
+    return "coded", _encode(idx, gaps, numel, CODEC_ELIAS_FANO if best == "elias_fano" else CODEC_VARINT)
 
 
 def validate_flat_indices(indices: torch.Tensor, numel: int, where: str) -> torch.Tensor:

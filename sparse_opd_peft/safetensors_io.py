@@ -13,8 +13,7 @@ from typing import Optional
 
 import safetensors.torch
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from .atomic import atomic_file
 
@@ -36,11 +35,10 @@ def load_safetensors_checked(path: str | os.PathLike) -> tuple[dict[str, torch.T
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
-        tensors = load_file(str(path))
+            keys = getattr(f, "offset_keys", f.keys)()  # load_file's order: the file's where safetensors has it
+            tensors = {k: f.get_tensor(k) for k in keys}
     except (SafetensorError, OSError, json.JSONDecodeError, RuntimeError) as err:
         raise ValueError(
             f"{path}: not a readable safetensors file ({err}); the file is truncated or corrupt, re-save or re-download it"

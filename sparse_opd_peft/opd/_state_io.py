@@ -14,11 +14,14 @@ import torch
 from safetensors import safe_open
 
 from ..atomic import fsync_path, write_json_atomic
+from ..safetensors_io import _SAFETENSORS_DTYPES
 
 _TAG = "__t__"
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
-              "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
-              "F8_E5M2": "float8_e5m2"}  # fmt: skip
+# safetensors dtype code -> torch dtype name ("F32" -> "float32"), the float8 codes included
+_ST_DTYPES = {code: str(dtype).removeprefix("torch.") for code, dtype in _SAFETENSORS_DTYPES.items()} | {
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 
 def encode(value: Any, path: tuple[str, ...], tensors: dict[str, torch.Tensor]) -> Any:

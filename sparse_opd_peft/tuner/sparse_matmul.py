@@ -130,8 +130,8 @@ def effective_weight(
     acc = accumulate_dtype(weight.dtype)
     if any(s.subspace or not s.sparse for s in specs):
         base = weight.detach().to(acc, copy=True)
-        w = dense_delta(tuple(weight.shape), specs, tensors, out=base).to(dtype)
-        return w if out is None else out.copy_(w)
+        w = dense_delta(tuple(weight.shape), specs, tensors, out=base)
+        return w.to(dtype) if out is None else out.copy_(w)  # copy_ rounds to dtype exactly as .to does
     w = torch.empty(weight.shape, dtype=dtype, device=weight.device) if out is None else out
     w.copy_(weight.detach())
     if len(specs) == 1 and weight.dtype == dtype == acc:  # float32(W) + v in float32: add in place, one pass
@@ -287,22 +287,22 @@ class SparseDeltaLinear(torch.autograd.Function):
                 f32[name] = t.to(acc)
             return f32[name]
 
-        pos, k = 0, 8
+        pos = 0
         for i, spec in enumerate(ctx.specs):
             if spec.sparse:
                 values, indices = tensors[pos], tensors[pos + 1]
-                if ctx.needs_input_grad[k]:
+                if ctx.needs_input_grad[8 + pos]:  # the values' slot among forward's inputs (8 fixed arguments first)
                     path = spec.grad_path or ctx.grad_path
                     block = spec.block_bytes or ctx.block_bytes
                     g = values_grad(dy2, x2, indices, in_features, path, block, ctx.patterns[i])
                     grads_tensors[pos] = g.to(values.dtype)
-                pos, k = pos + 2, k + 2
+                pos += 2
             if spec.subspace:
                 coeff, basis = tensors[pos], tensors[pos + 1]
-                if ctx.needs_input_grad[k]:
+                if ctx.needs_input_grad[8 + pos]:
                     xb = as_acc("x", x2).mm(basis.to(acc))
                     grads_tensors[pos] = as_acc("dy", dy2).t().mm(xb).to(coeff.dtype)
-                pos, k = pos + 2, k + 2
+                pos += 2
         if ctx.needs_input_grad[1]:
             dweight = as_acc("dy", dy2).t().mm(as_acc("x", x2)).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
@@ -316,16 +316,18 @@ def _patterns(
     """Per spec, the cached CSR pattern when its ``d values`` will be computed (``needs``: the forward's
     ``ctx.needs_input_grad``; nothing under no_grad / inference) with the CPU sampled kernel, else None (looked up
     in forward, where ``indices`` is the layer's own buffer object, the cache's key)."""
+    if x.device.type != "cpu":
+        return [None] * len(specs)
     patterns: list[tuple | None] = []
+    probe = None
     pos = 0
     for spec in specs:
         pattern = None
         if spec.sparse:
             if needs[8 + pos]:  # the values' slot among forward's inputs (8 fixed arguments first)
                 indices = tensors[pos + 1]
-                probe = x.new_empty((0, shape[0]))
-                path = resolve_path(spec.grad_path or grad_path, probe, indices.numel(), shape[1])
-                if path == "sampled" and x.device.type == "cpu":
+                probe = x.new_empty((0, shape[0])) if probe is None else probe
+                if resolve_path(spec.grad_path or grad_path, probe, indices.numel(), shape[1]) == "sampled":
                     pattern = csr_pattern(indices, shape[0], shape[1])
             pos += 2
         if spec.subspace:

@@ -68,7 +68,6 @@ def supported(dy: torch.Tensor) -> bool:
         and not _DISABLED
         and dy.device.type == "cuda"
         and dy.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and torch.cuda.is_available()
     )
 
 
