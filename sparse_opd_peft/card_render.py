@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from .module_types import MODULE_TYPES, layer_index, module_type
+from .module_types import layer_index, module_type, stats_by_type
 
 CARD_BEGIN, CARD_END = "<!-- sparse_opd:card -->", "<!-- /sparse_opd:card -->"
 USAGE_BEGIN, USAGE_END = "<!-- sparse_opd:usage -->", "<!-- /sparse_opd:usage -->"
@@ -87,14 +87,11 @@ def _module_groups(config) -> list[tuple[str, str, int, int]]:
 
 
 def _type_rows(config) -> list[str]:
-    rows, total = [], [0, 0, 0]
-    for kind in MODULE_TYPES:
-        names = [n for n in config.module_shapes if module_type(n) == kind]
-        if names:
-            nnz = sum(int(config.module_nnz.get(n, 0)) for n in names)
-            numel = sum(config.module_shapes[n][0] * config.module_shapes[n][1] for n in names)
-            rows.append(f"| {kind} | {len(names)} | {nnz:,} | {numel:,} | {_pct(nnz / numel)} |")
-            total = [total[0] + len(names), total[1] + nnz, total[2] + numel]
+    counts = {n: {"nnz": int(config.module_nnz.get(n, 0)), "numel": out_f * in_f}
+              for n, (out_f, in_f) in config.module_shapes.items()}  # fmt: skip
+    stats = [(kind, agg) for kind, agg in stats_by_type(counts).items() if agg["modules"]]
+    rows = [f"| {k} | {a['modules']} | {a['nnz']:,} | {a['numel']:,} | {_pct(a['density'])} |" for k, a in stats]
+    total = [sum(a[key] for _, a in stats) for key in ("modules", "nnz", "numel")]
     rows.append(f"| **all** | {total[0]} | {total[1]:,} | {total[2]:,} | {_pct(total[1] / max(total[2], 1))} |")
     return rows
 

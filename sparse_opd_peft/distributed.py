@@ -20,7 +20,6 @@ DeepSpeed ZeRO-3 are not supported by these helpers.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -85,29 +84,6 @@ def sharded_adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=options)
 
 
-class _SavesGathered:
-    """What :func:`sparse_opd_peft.tuner.files.save_adapter` (the atomic directory writer) calls on rank 0: peft's
-    ``save_pretrained`` with the gathered state dict, then the SparseOPD model card from the written files
-    (:func:`sparse_opd_peft.model_card.write_model_card` with ``from_files=True``)."""
-
-    def __init__(self, model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-        self.model, self.state_dict = model, state_dict
-
-    def save_pretrained(self, directory: str | os.PathLike, **kwargs: Any) -> None:
-        fresh = not (Path(directory) / "README.md").is_file()
-        self.model.save_pretrained(directory, state_dict=self.state_dict, is_main_process=True, **kwargs)
-        from .model_card import sparse_opd_adapters, write_model_card
-
-        selected = kwargs.get("selected_adapters")
-        names = [n for n in sparse_opd_adapters(self.model) if selected is None or n in selected]
-        if not names:
-            return
-        try:  # the card from the written files: bf16 visibility is not measured, the base weights stay sharded
-            write_model_card(self.model, directory, fresh, adapters=names, from_files=True)
-        except Exception as err:  # noqa: BLE001 - a card problem must never lose the adapter being saved
-            warnings.warn(f"could not write the SparseOPD model card ({type(err).__name__}: {err})", stacklevel=3)
-
-
 def _flag_device() -> torch.device:
     """Device for the small status tensor all-reduced after the save (NCCL needs a CUDA tensor)."""
     import torch.distributed as dist
@@ -154,14 +130,14 @@ def save_sharded_adapter(model: nn.Module, directory: str | os.PathLike, **kwarg
     error: Optional[BaseException] = None
     if rank == 0:
         try:
-            if sharded:
-                from .tuner.files import save_adapter as save_atomically
+            from .model_card import _SavesWithCard
+            from .tuner.files import save_adapter as save_atomically
 
-                save_atomically(_SavesGathered(model, state), directory, **kwargs)
-            else:
-                from .model_card import save_adapter
-
-                save_adapter(model, directory, **kwargs)
+            # sharded: peft's save of the gathered state, then the card from the written files (bf16 visibility is
+            # not measured, the base weights stay sharded); else exactly sparse_opd_peft.save_adapter
+            gathered = {"state_dict": state, "is_main_process": True}
+            saver = _SavesWithCard(model, gathered, from_files=True) if sharded else _SavesWithCard(model)
+            save_atomically(saver, directory, **kwargs)
         except Exception as err:  # noqa: BLE001 - re-raised below, after the other ranks learned of it
             error = err
     if distributed:

@@ -144,26 +144,38 @@ def merge_card(existing: str, new: str) -> str:
     return str(old.content)
 
 
-def card_block_for_model(model, repo_id: Optional[str] = None, adapters: Optional[Sequence[str]] = None) -> str:
+def _weights_file(directory: str | os.PathLike, name: str) -> Path:
+    """Where ``save_pretrained`` writes adapter ``name``'s weights: ``"default"`` at the root, others in a
+    subfolder of their name."""
+    return Path(directory) / ("" if name == "default" else name) / "adapter_model.safetensors"
+
+
+def card_block_for_model(
+    model,
+    repo_id: Optional[str] = None,
+    adapters: Optional[Sequence[str]] = None,
+    directory: Optional[str | os.PathLike] = None,
+) -> str:
     """Card block for the SparseOPD adapters ``adapters`` (default: all) of a ``PeftModel``: measures bf16
-    visibility and the file size."""
+    visibility and the file size (that of the file ``directory`` holds when the model was just saved there, else
+    computed from the model's state dict)."""
     from .tuner.model import bf16_visibility
 
     entries = []
     for name in sparse_opd_adapters(model) if adapters is None else adapters:
+        weights = None if directory is None else _weights_file(directory, name)
+        size = weights.stat().st_size if weights is not None and weights.is_file() else adapter_file_bytes(model, name)
         entries.append({"name": name, "config": model.peft_config[name], "base": _base_name(model),
-                        "visibility": bf16_visibility(model, name), "file_bytes": adapter_file_bytes(model, name)})  # fmt: skip
+                        "visibility": bf16_visibility(model, name), "file_bytes": size})  # fmt: skip
     return render_card_block(entries, repo_id)
 
 
 def card_block_for_directory(directory: str | os.PathLike, configs: Mapping[str, Any], repo_id=None) -> str:
     """Card block for a saved adapter directory (``configs`` = ``{adapter_name: SparseOPDConfig}``; visibility is
     not measured since the base weights are not at hand)."""
-    directory = Path(directory)
     entries = []
     for name, config in configs.items():
-        weights = directory / ("" if name == "default" else name) / "adapter_model.safetensors"
-        entries.append({"name": name, "config": config, "file_bytes": weights.stat().st_size})
+        entries.append({"name": name, "config": config, "file_bytes": _weights_file(directory, name).stat().st_size})
     return render_card_block(entries, repo_id)
 
 
@@ -219,7 +231,7 @@ def write_model_card(
     if from_files:
         block = card_block_for_directory(output_dir, {name: model.peft_config[name] for name in names})
     else:
-        block = card_block_for_model(model, adapters=names)
+        block = card_block_for_model(model, adapters=names, directory=output_dir)
     if fresh:
         card.text = f"{block}\n\n### Framework versions\n\n- PEFT {peft.__version__}\n- sparse_opd_peft {__version__}\n"
     else:
@@ -230,20 +242,22 @@ def write_model_card(
 
 
 class _SavesWithCard:
-    """What :func:`save_adapter` hands to the atomic saver: ``save_pretrained`` = peft's save, then our card."""
+    """What :func:`save_adapter` (and :func:`sparse_opd_peft.distributed.save_sharded_adapter`) hands to the atomic
+    saver: ``save_pretrained`` = peft's save (with ``save_kwargs`` added, e.g. a gathered ``state_dict``), then our
+    card (``from_files``: from the written files, as :func:`write_model_card`)."""
 
-    def __init__(self, model) -> None:
-        self.model = model
+    def __init__(self, model, save_kwargs: Optional[Mapping[str, Any]] = None, from_files: bool = False) -> None:
+        self.model, self.save_kwargs, self.from_files = model, dict(save_kwargs or {}), from_files
 
     def save_pretrained(self, directory: str | os.PathLike, **kwargs) -> None:
         fresh = not (Path(directory) / "README.md").is_file()
-        self.model.save_pretrained(directory, **kwargs)
+        self.model.save_pretrained(directory, **self.save_kwargs, **kwargs)
         selected = kwargs.get("selected_adapters")
         names = [n for n in sparse_opd_adapters(self.model) if selected is None or n in selected]
         if not names:
             return
         try:
-            write_model_card(self.model, directory, fresh, adapters=names)
+            write_model_card(self.model, directory, fresh, adapters=names, from_files=self.from_files)
         except Exception as err:  # noqa: BLE001 - a card problem must never lose the adapter being saved
             warnings.warn(f"could not write the SparseOPD model card ({type(err).__name__}: {err})", stacklevel=3)
 

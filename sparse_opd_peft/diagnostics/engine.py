@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..masks.overlap import mask_overlap
 from ..module_types import MODULE_TYPES, layer_index, module_type
 from . import catalog
 from . import metrics as M
@@ -105,7 +104,8 @@ def analyze_matrix(
     extras: dict[str, torch.Tensor] = {}
     sigma = None  # singular values of ΔW, for the catalog's own metrics
     low = M.low_magnitude_mask(w0, cfg.alpha) if n_vis else None
-    row["low_magnitude_overlap"] = mask_overlap(low, visible)["share_of_b"] if n_vis else math.nan
+    # share of the visible coordinates in the mask: mask_overlap(mask, visible)["share_of_b"], counted directly
+    row["low_magnitude_overlap"] = int((low & visible).sum()) / n_vis if n_vis else math.nan
     row["principal_overlap"] = math.nan
     if cfg.spectral:
         k = min(cfg.top_k, min(w0.shape))
@@ -130,7 +130,7 @@ def analyze_matrix(
             )
             if n_vis:
                 princ = M.principal_mask(w0d, cfg.principal_rank, cfg.alpha, u=r0.U)
-                row["principal_overlap"] = mask_overlap(princ, visible)["share_of_b"]
+                row["principal_overlap"] = int((princ & visible).sum()) / n_vis
                 del princ
             del r0, r1, w0d, w1d
             sigma = rd.S

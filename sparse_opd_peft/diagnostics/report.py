@@ -82,9 +82,6 @@ def table1_header() -> str:
     return "| " + " | ".join(["Base", "Tuned", *_labels("table1")]) + " |\n|" + "---|" * (2 + len(metrics("table1")))
 
 
-TABLE1_HEADER = table1_header()
-
-
 def markdown_summary(result: dict) -> str:
     """Markdown report of a pair result dict: Table-1 line, per type, per layer, definitions."""
     s, cfg = result["summary"], result["config"]
@@ -98,14 +95,16 @@ def markdown_summary(result: dict) -> str:
     for t, r in result["by_type"].items():
         lines.append("| " + " | ".join([t, str(r["n_matrices"]), f"{r['n_params']:,}", *_cells(r, "by_type")]) + " |")
     # the by-layer table follows sparsity_bf16 with its split by module type
-    split = [f"{t} sparsity" for t in MODULE_TYPES]
-    header = [c for m in metrics("by_layer") for c in [m.label, *(split if m.key == "bf16_sparsity" else [])]]
+    split_after = [m.key == "bf16_sparsity" for m in metrics("by_layer")]
+
+    def columns(values: list[str], split: list[str]) -> list[str]:
+        return [c for v, s in zip(values, split_after, strict=True) for c in [v, *(split if s else [])]]
+
+    header = columns(_labels("by_layer"), [f"{t} sparsity" for t in MODULE_TYPES])
     lines += ["", "## By layer", "", "| " + " | ".join(["layer", *header]) + " |", "|" + "---|" * (1 + len(header))]
     for layer, r in result["by_layer"].items():
         per_type = [_fmt(r["bf16_sparsity_by_type"].get(t), True) for t in MODULE_TYPES]
-        cells = [c for m, v in zip(metrics("by_layer"), _cells(r, "by_layer"), strict=True)
-                 for c in [v, *(per_type if m.key == "bf16_sparsity" else [])]]  # fmt: skip
-        lines.append("| " + " | ".join([layer, *cells]) + " |")
+        lines.append("| " + " | ".join([layer, *columns(_cells(r, "by_layer"), per_type)]) + " |")
     lines += ["", "## Definitions", "",
               f"- sparsity_bf16: share of entries with |bf16(W₊) − bf16(W0)| ≤ η·max(|·|,|·|), η = {cfg['eta']}, "
               "parameter-weighted; sparsity abs: share with |ΔW| < " f"{cfg['abs_threshold']} (float32 ΔW).",

@@ -77,7 +77,8 @@ class Budget:
         else:
             budget = int(round(density * total))
             ffn = tuple(n for n in names if module_type(n, self.type_overrides) == "ffn")
-            rest = tuple(n for n in names if n not in set(ffn))
+            in_ffn = set(ffn)
+            rest = tuple(n for n in names if n not in in_ffn)
             n_ffn = int(round(float(self.ffn_share) * budget))
             groups = [(ffn, n_ffn), (rest, budget - n_ffn)]
             for (members, count), kind in zip(groups, ("FFN", "non-FFN"), strict=True):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from tqdm.auto import tqdm
 
-from ..diagnostics.metrics import check_finite
+from ..diagnostics.metrics import ABS_THRESHOLD, ETA, check_finite
 from ..diagnostics.sources import module_name, open_source, paired_weights
 from .budget import Budget, Group, select_top
 from .mask import SparseMask
@@ -140,6 +140,9 @@ def mask_from_checkpoints(
     spec = _rule(rule, density, ffn_share, per_module)
     budget = Budget(density, ffn_share, per_module, type_overrides) if spec.kind == "score" else None
     options = {k: v for k, v in (("eta", eta), ("abs_threshold", abs_threshold)) if k in spec.options}
+    # the values the built-in threshold rules use (each rule maps None to the same default), for the metadata; the
+    # rule itself gets the options as given, so a registered rule's own None handling stays in force
+    resolved = {k: {"eta": ETA, "abs_threshold": ABS_THRESHOLD}[k] if v is None else v for k, v in options.items()}
     src, tun = open_source(source), open_source(tuned)
     with src, tun:
         names = paired_weights(src, tun, modules)
@@ -167,8 +170,5 @@ def mask_from_checkpoints(
         "per_module": per_module, "achieved_density": nnz / sum(numel.values()), "n_modules_analysed": len(names),
     }  # fmt: skip
     if spec.kind == "threshold":
-        from ..diagnostics.metrics import ABS_THRESHOLD, ETA
-
-        defaults = {"eta": ETA, "abs_threshold": ABS_THRESHOLD}
-        metadata.update({k: defaults[k] if options.get(k) is None else options[k] for k in spec.options})
+        metadata.update({k: resolved[k] for k in spec.options})
     return SparseMask.from_indices(entries, metadata)

@@ -102,7 +102,10 @@ class _Recorder(torch.optim.Optimizer):
                 if name is None:
                     continue
                 g = p.grad.detach().float().cpu() if p.grad is not None else torch.zeros(p.shape)
-                a = {k: d.setdefault(name, torch.zeros(p.shape)) for k, d in self.acc.items()}
+                for d in self.acc.values():  # created once, at the weight's first step (not a zero tensor per call)
+                    if name not in d:
+                        d[name] = torch.zeros(p.shape)
+                a = {k: d[name] for k, d in self.acc.items()}
                 if "sum" in a:
                     a["sum"] += g
                 if "abs" in a:
