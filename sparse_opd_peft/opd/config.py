@@ -262,7 +262,7 @@ class OPDConfig:
         as in the paper's α-mixing runs)."""
         if self.grpo_std_normalize is not None:
             return bool(self.grpo_std_normalize)
-        return self.loss == "rlvr"
+        return self.spec.std_normalize
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then constant or linear decay to 0."""

@@ -31,6 +31,12 @@ class _Batch:
     opd_adv: Optional[torch.Tensor] = None  # (N, C) OPD advantages with the baseline subtracted (pre-pass)
 
 
+def _f64(value: Any, device: torch.device) -> torch.Tensor:
+    """``value`` (a number or a 0-d tensor) as a detached float64 0-d tensor on ``device`` (exact from float32 / bf16 /
+    int, so sums of these equal the Python float sums of ``float(value)``)."""
+    return torch.as_tensor(value, dtype=torch.float64).detach().to(device)
+
+
 def _grid(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``(M,)`` values at the True entries of the ``(N, C)`` ``mask`` -> ``(N, C)`` tensor, 0 elsewhere
     (differentiable)."""
@@ -88,11 +94,19 @@ class StepMixin:
             x, w, b = self._teacher_scorer(ro)
             return x[ro.completion_mask.to(x.device)], w, b
 
-    def _teacher_token_logprobs(self, ro: Rollout) -> torch.Tensor:
-        """``(N, C)`` float32 teacher log-probs of the sampled tokens on the trainer's device (0 outside the mask)."""
+    def _teacher_signal(
+        self, ro: Rollout, k: Optional[int] = None
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """:func:`~.losses.head_teacher_signal` of the local teacher at the completion tokens of ``ro`` (``(M,)``
+        log-probs of the sampled tokens, and with ``k`` the ``(M, k)`` top-k log-probs and ids; on the teacher's
+        device)."""
         x, w, b = self._teacher_hidden(ro)
         ids = ro.completion_ids[ro.completion_mask].to(x.device)
-        lp = L.head_teacher_signal(x, w, b, ids, self.vocab_size, self.config.full_kl_chunk)[0]
+        return L.head_teacher_signal(x, w, b, ids, self.vocab_size, self.config.full_kl_chunk, k)
+
+    def _teacher_token_logprobs(self, ro: Rollout) -> torch.Tensor:
+        """``(N, C)`` float32 teacher log-probs of the sampled tokens on the trainer's device (0 outside the mask)."""
+        lp = self._teacher_signal(ro)[0]
         return _grid(lp.float().to(self.accelerator.device), ro.completion_mask)
 
     def teacher_topk(self, ro: Rollout) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,12 +114,8 @@ class StepMixin:
         int64 at the completion positions of ``ro``: the only teacher signal ``loss="topk_kl"`` reads. Here from the
         local teacher (block by block, no ``(N, C, V)`` tensor; entries outside ``completion_mask`` are unused and
         left 0); a subclass may instead ask a teacher served by another process for the same two tensors."""
-        x, w, b = self._teacher_hidden(ro)
-        mask = ro.completion_mask.to(x.device)
-        ids = ro.completion_ids.to(x.device)[mask]
-        _, top_lp, top_id = L.head_teacher_signal(
-            x, w, b, ids, self.vocab_size, self.config.full_kl_chunk, self.config.topk
-        )
+        _, top_lp, top_id = self._teacher_signal(ro, self.config.topk)
+        mask = ro.completion_mask.to(top_lp.device)
         n, c, k = *mask.shape, self.config.topk
         out_lp = top_lp.new_zeros((n, c, k))
         out_id = top_id.new_zeros((n, c, k))
@@ -155,8 +165,9 @@ class StepMixin:
             mask = b.rollout.completion_mask
             b.opd_adv = (b.opd_adv - L.leave_one_out_baseline(b.opd_adv, mask, total, count)) * mask
 
-    def _loss(self, b: _Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Summed (not yet normalised) loss of one micro-batch and its metric sums."""
+    def _loss(self, b: _Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Summed (not yet normalised) loss of one micro-batch and its metric sums (detached 0-d tensors, left on the
+        device: :meth:`_train_step` reads them back once per step; an override may return Python floats)."""
         cfg, spec, ro = self.config, self.config.spec, b.rollout
         mask, dev = ro.completion_mask, self.accelerator.device
         signal = spec.teacher
@@ -179,11 +190,11 @@ class StepMixin:
         keep = None if b.opd_adv is not None else self._keep_weights(b, gap)  # the pre-pass applied it already
         x = L.LossInputs(lp_s, div, lp_t, mask, keep, b.rlvr_adv, b.opd_adv, cfg)
         loss = spec.objective(x)
-        stats = {"loss": float(loss.detach())}
+        stats = {"loss": loss.detach()}
         if gap is not None:
-            stats["kl"] = float(gap.sum())
+            stats["kl"] = gap.detach().sum()
         if div is not None:
-            stats["kl_exact" if signal == "logits" else "kl_topk"] = float(div.detach().sum())
+            stats["kl_exact" if signal == "logits" else "kl_topk"] = div.detach().sum()
         return loss, stats
 
     # ------------------------------------------------------------------ one optimizer step
@@ -202,13 +213,13 @@ class StepMixin:
         self.model.train()
         if cfg.baseline != "none" and cfg.spec.advantages:
             self._baseline_prepass(batches)
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # float64 running sums on the device: no host sync per micro-batch
         for i, b in enumerate(batches):
             with acc.no_sync(self.model) if i < len(batches) - 1 else nullcontext():
                 loss, stats = self._loss(b)
                 acc.backward(loss * scale)
             for k, val in stats.items():
-                sums[k] = sums.get(k, 0.0) + val
+                sums[k] = sums.get(k, 0) + _f64(val, acc.device)
         grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm else None
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -217,17 +228,20 @@ class StepMixin:
     def _step_metrics(
         self, batches: list[_Batch], sums: dict, global_tok: float, lr: float, grad_norm, dt: float
     ) -> dict:
-        acc = self.accelerator
+        acc, dev = self.accelerator, self.accelerator.device
         eos_id = self.tokenizer.eos_token_id
         rows = sum(b.rollout.completion_ids.shape[0] for b in batches)
-        eos = sum(int(b.rollout.ended_with_eos(eos_id).sum()) for b in batches)
+        eos = sum(b.rollout.ended_with_eos(eos_id).sum() for b in batches)
         rew = [b.rewards for b in batches if b.rewards is not None]
         keys = sorted(sums)
-        vec = [sums[k] for k in keys] + [float(rows), float(eos)]
+        vec = [sums[k] for k in keys] + [float(rows), eos]
         if rew:
             r = torch.cat(rew)
-            vec += [float(r.sum()), float((r >= 1.0).sum())]
-        tot = acc.reduce(torch.tensor(vec, dtype=torch.float64, device=acc.device), "sum").tolist()
+            vec += [r.sum(), (r >= 1.0).sum()]
+        gn = [_f64(grad_norm, dev).reshape(1)] if isinstance(grad_norm, torch.Tensor) else []  # not reduced
+        tot = torch.cat([acc.reduce(torch.stack([_f64(v, dev) for v in vec]), "sum"), *gn]).tolist()  # the one sync
+        if gn:
+            grad_norm = tot.pop()
         out: dict[str, float] = {"step": self.step + 1, "lr": lr}
         for k, val in zip(keys, tot, strict=False):
             out[k] = val / global_tok

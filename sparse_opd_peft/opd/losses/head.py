@@ -326,7 +326,7 @@ def head_objectives(
                 f"head_objectives: teacher top-k log-probs {tuple(lp_k.shape)} and ids {tuple(ids.shape)} must both be "
                 f"(M={hidden.shape[0]}, k) with k <= vocab_size={vocab_size}"
             )
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        if bool(((ids < 0) | (ids >= vocab_size)).any()):  # one device -> host sync
             raise ValueError(f"head_objectives: teacher top-k ids must lie in [0, {vocab_size})")
         teacher_topk = (lp_k.detach().to(hidden.device), ids.to(hidden.device))
     spec = _Spec(tokens, int(vocab_size), int(chunk_size), teacher_logits, teacher_topk, tuple(grad))

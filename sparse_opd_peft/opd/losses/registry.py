@@ -77,6 +77,8 @@ class LossSpec:
         advantages: it is built on the sampled-token OPD advantage (``discount``, ``sampled_token_clip``,
             ``sampled_token_prefix_gamma`` and ``sampled_token_baseline`` apply).
         default_baseline: ``sampled_token_baseline`` when the config leaves it None.
+        std_normalize: GRPO advantages divide by the group's reward std when the config's ``grpo_std_normalize`` is
+            None (``reward`` specs only).
     """
 
     teacher: str
@@ -86,6 +88,7 @@ class LossSpec:
     rollouts: bool = True
     advantages: bool = False
     default_baseline: str = "none"
+    std_normalize: bool = False
 
 
 def _divergence(x: LossInputs) -> torch.Tensor:
@@ -119,7 +122,7 @@ LOSS_SPECS: dict[str, LossSpec] = {
     # cross-entropy on the dataset's completions
     "sft": LossSpec("none", "logprobs", _sft, rollouts=False),
     # GRPO on the verifier reward
-    "rlvr": LossSpec("none", "logprobs", _rlvr, reward=True),
+    "rlvr": LossSpec("none", "logprobs", _rlvr, reward=True, std_normalize=True),
     # A = α A_OPD + (1 - α) A_RLVR
     "mix": LossSpec("token", "logprobs", _mix, reward=True, advantages=True),
 }
