@@ -157,7 +157,7 @@ def state_mb(entry: dict) -> float:
     return total / 2**20
 
 
-def methods_for(p: dict, base: torch.nn.Module, only: list[str] | None) -> list[tuple[str, str, float | None, str]]:
+def methods_for(p: dict, only: list[str] | None) -> list[tuple[str, str, float | None, str]]:
     """(label, method, density, grad_path) for every configuration of the preset."""
     out = [("lora", "lora", None, "-"), ("full", "full", None, "-"), ("frozen (floor)", "frozen", None, "-")]
     ours_paths = ["auto"] if p["device"] == "cpu" else ["dense_rows", "sampled"]
@@ -178,7 +178,7 @@ def run(p: dict, only: list[str] | None, rounds: int, on_round=None) -> dict:
     g = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, p["vocab"], (p["batch"], p["seq"]), generator=g).to(device)
     masks, entries, errors = {}, [], {}
-    for label, method, d, gp in methods_for(p, base, only):
+    for label, method, d, gp in methods_for(p, only):
         r = rank_for(base, d) if d is not None else None
         if d is not None and d not in masks:
             masks[d] = mask_for(base, r)

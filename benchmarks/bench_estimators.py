@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from sparse_opd_peft.atomic import write_json_atomic
+from sparse_opd_peft.lab.toy import heldout_accuracy, load_world
+from sparse_opd_peft.lab.toy.runs import ToyRunConfig, opd_config, opd_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,14 +117,6 @@ PROBE_VARIANTS = [
 ]  # fmt: skip  # the first seed only: they do not beat st_base
 
 
-def _toy():
-    """The toy world's API (``sparse_opd_peft.lab.toy``)."""
-    from sparse_opd_peft.lab.toy import heldout_accuracy, load_world
-    from sparse_opd_peft.lab.toy.runs import ToyRunConfig, opd_config, opd_run
-
-    return load_world, ToyRunConfig, opd_config, opd_run, heldout_accuracy
-
-
 def run_variant(world: Any, name: str, seed: int, steps: int, task: str, eval_samples: int, work: Path) -> dict:
     """One cached run of variant ``name`` (``VARIANTS``) with ``seed``: accuracy, KL trace and timings."""
     overrides, _ = VARIANTS[name]
@@ -131,7 +125,6 @@ def run_variant(world: Any, name: str, seed: int, steps: int, task: str, eval_sa
         cached = json.loads(path.read_text())
         if cached.get("overrides") == json.loads(json.dumps(overrides)):  # tuples come back as lists
             return cached
-    _, ToyRunConfig, opd_config, opd_run, heldout_accuracy = _toy()
     run = ToyRunConfig(task=task).with_(
         **{"loss": "full_kl", "steps": steps, "seed": seed, "progress_bar": False, **overrides}
     )
@@ -167,7 +160,6 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    load_world, _, _, _, heldout_accuracy = _toy()
     world = load_world()
     work = Path(args.work_dir) / world.key
     work.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,14 @@
 """Bytes on disk per trained coordinate of a saved adapter at 1 %, 5 %, 20 % and 50 % density, float32 and bf16
 values, against the version-1 format (bitmask / int32 positions), the floor (bf16 values + entropy-coded positions)
-and peft SHiRA's file for the same mask; and the time to decode one module of 1M coordinates.
+and peft SHiRA's file for the same mask; and the time to decode one module of 1M coordinates. The masks, their
+r and SHiRA's wrapping are ``bench_adapter_step.py``'s (imported from this script's folder).
 
     python benchmarks/bench_storage.py     # prints the tables, writes benchmarks/results/storage.md
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import statistics
 import tempfile
@@ -14,7 +16,8 @@ import time
 from pathlib import Path
 
 import torch
-from peft import ShiraConfig, get_peft_model
+from bench_adapter_step import mask_for, rank_for, targeted, wrap
+from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -32,7 +35,6 @@ from sparse_opd_peft.positions import (
 from sparse_opd_peft.safetensors_io import safetensors_nbytes
 
 RESULTS = Path(__file__).parent / "results" / "storage.md"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 FORMS = {"bitmask": "bitmask", CODEC_ELIAS_FANO: "Elias-Fano", CODEC_VARINT: "varint", "indices": "int32"}
 
 
@@ -48,18 +50,6 @@ def model() -> Qwen3ForCausalLM:
         head_dim=64,
     )
     return Qwen3ForCausalLM(cfg)
-
-
-def mask_with_r(base, r: int) -> dict:
-    """Random mask with r * (in + out) coordinates per targeted Linear (so SHiRA can hold the same mask)."""
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    for name, mod in base.named_modules():
-        if isinstance(mod, torch.nn.Linear) and name.split(".")[-1] in TARGETS:
-            flat = torch.zeros(mod.weight.numel(), dtype=torch.bool)
-            flat[torch.randperm(flat.numel(), generator=g)[: r * (mod.in_features + mod.out_features)]] = True
-            out[name] = flat.view_as(mod.weight)
-    return out
 
 
 def saved_file(peft_model, directory: Path) -> Path:
@@ -101,26 +91,22 @@ def size_table() -> list[str]:
         "SHiRA (B/coord) |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    linears = {n: m for n, m in model().named_modules() if n.split(".")[-1] in TARGETS}
+    base = model()
+    linears = targeted(base)
     base_numel = sum(m.weight.numel() for m in linears.values())
-    per_r = sum(m.in_features + m.out_features for m in linears.values())
     shapes = {n: tuple(m.weight.shape) for n, m in linears.items()}
     for density in (0.01, 0.05, 0.2, 0.5):
-        r = max(1, round(density * base_numel / per_r))
-        mask = mask_with_r(model(), r)
+        r = rank_for(base, density)  # r * (in + out) coordinates per targeted Linear, so SHiRA can hold the same mask
+        mask = mask_for(base, r)
         nnz = sum(int(m.sum()) for m in mask.values())
         sizes = {}
         with tempfile.TemporaryDirectory() as d:
             for dtype in ("float32", "bfloat16"):
                 cfg = SparseOPDConfig(mask=mask, save_dtype=dtype)
-                path = saved_file(get_peft_model(model(), cfg), Path(d) / dtype)
+                path = saved_file(get_peft_model(copy.deepcopy(base), cfg), Path(d) / dtype)
                 sizes[dtype] = path.stat().st_size
             v1, coord_bytes, forms = v1_size_and_forms(path, shapes)
-            base = model()
-            lookup = {id(base.get_submodule(n)): m for n, m in mask.items()}
-            cfg = ShiraConfig(r=r, target_modules=TARGETS)
-            cfg.mask_fn = lambda base_layer, r, lookup=lookup, **kw: lookup[id(base_layer)].to(base_layer.weight.dtype)
-            shira = saved_file(get_peft_model(base, cfg), Path(d) / "shira").stat().st_size
+            shira = saved_file(wrap(base, "shira", r, mask, "-"), Path(d) / "shira").stat().st_size
         used = ", ".join(f"{k} {v}" for k, v in sorted(forms.items()))
         rows.append(
             f"| {density:.0%} | {nnz / base_numel:.2%} | {nnz:,} | {used} | {coord_bytes / nnz:.2f} | "

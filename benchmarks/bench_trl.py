@@ -50,9 +50,6 @@ RUNS = {
     "TRL": ("trl", "gc"),
     "TRL, no GC": ("trl", "no_gc"),
 }
-STUDENT = dict(
-    hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
-)
 DEFAULT_RUNS = ("ours sampled_token", "ours full_kl", "ours topk_kl", "TRL", "TRL, no GC")
 VOCAB_RUNS = ("ours full_kl", "ours topk_kl", "TRL")  # --vocab
 KNOBS = ("steps", "warmup", "batch_size", "max_new_tokens", "density", "threads", "extra_vocab", "topk")
@@ -62,26 +59,6 @@ GOAL_VOCAB = (
     "(neither holds a whole (B, T, V) float32 tensor: the student's and the teacher's logits are built from their "
     "hidden states and lm_heads `full_kl_chunk` positions at a time)."
 )
-TEACHER = dict(
-    hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4
-)
-
-
-def build(arch: dict, tokenizer, seed: int, max_len: int = 128):
-    """A float32 ``Qwen3ForCausalLM`` over the toy tokenizer (untied embeddings, head_dim 32)."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    config = Qwen3Config(
-        vocab_size=len(tokenizer), head_dim=32, max_position_embeddings=max_len, tie_word_embeddings=False,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, **arch,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model
 
 
 def setup(density: float, extra_vocab: int = 0, max_new_tokens: int = 32):
@@ -96,13 +73,19 @@ def setup(density: float, extra_vocab: int = 0, max_new_tokens: int = 32):
     from peft import get_peft_model
 
     from sparse_opd_peft import SparseOPDConfig
-    from sparse_opd_peft.lab.toy import build_tokenizer, get_task
+    from sparse_opd_peft.lab.toy import ModelSpec, build_model, build_tokenizer, get_task
 
     tok = build_tokenizer()
     if extra_vocab:
         tok.add_tokens([f"<x{i}>" for i in range(extra_vocab)])
+    # float32 Qwen3s over the toy tokenizer (untied embeddings, head_dim 32); the specs' schedules are unused
+    student_spec = ModelSpec(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=32,
+                             intermediate_size=384, steps=0, lr=1e-3)  # fmt: skip
+    teacher_spec = ModelSpec(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32,
+                             intermediate_size=768, steps=0, lr=1e-3)  # fmt: skip
     max_len = max(128, max_new_tokens + 64)  # toy prompts are ~10 tokens
-    student, teacher = build(STUDENT, tok, seed=0, max_len=max_len), build(TEACHER, tok, seed=1, max_len=max_len).eval()
+    student = build_model(student_spec, tok, 0, max_position_embeddings=max_len)
+    teacher = build_model(teacher_spec, tok, 1, max_position_embeddings=max_len).eval()
     g = torch.Generator().manual_seed(2)
     mask = {
         name: torch.rand(mod.weight.shape, generator=g) < density

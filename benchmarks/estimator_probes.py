@@ -37,6 +37,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "estimator_probes.json"
+# the importance-weighted probes: name -> (sampling temperature, cap of the weights or None)
+IS = {f"is_t{t}{'' if cap else '_nocap'}": (t, cap) for t in (1.25, 1.5) for cap in (5.0, None)}
 WHAT = {
     "cv_0": "control-variate code path with β = 0 (= st_base, baseline computed inside the objective)",
     "cv_-1": "token-level control variate β log p_s(y), β = -1, exact expectation β ∇(-H) added, position baseline",
@@ -45,66 +47,61 @@ WHAT = {
     "k3": "verl's k3 (low_var_kl, its clamps) as the loss on the sampled token: the forward-KL gradient",
     "k3_mix": "half st_base + half k3",
     **{
-        f"is_t{t}{'' if cap else '_nocap'}": (
+        name: (
             f"rollouts at temperature {t}, per-token importance weights w = p_s(y) / p_sampler(y)"
             + (f" capped at {cap}" if cap else " (uncapped)")
             + ": A = w (-r - b), b the position leave-one-out mean of -r (its kl column is measured on the tempered samples)"
         )
-        for t in (1.25, 1.5)
-        for cap in (5.0, None)
+        for name, (t, cap) in IS.items()
     },
 }
-IS_CAP = {name: (5.0 if not name.endswith("_nocap") else None) for name in WHAT if name.startswith("is_t")}
-IS_TEMP = {name: float(name[4:].removesuffix("_nocap")) for name in IS_CAP}
 
 
-def _trainer_class():
+def _trainer_class(probe: str, betas: list[float]):
+    """An ``OPDTrainer`` subclass whose sampled-token micro-batch objective is ``probe``; the cv_ probes append their
+    control variate's β of every step to ``betas``."""
     from sparse_opd_peft.opd import OPDTrainer
     from sparse_opd_peft.opd import losses as L
     from sparse_opd_peft.opd.step import _grid
 
+    temperature, cap = IS.get(probe, (1.0, None))  # is_t probes: the rollouts' temperature, the weights' cap
+
     class ProbeTrainer(OPDTrainer):
         """OPDTrainer whose sampled-token micro-batch objective is ``probe`` (see the module docstring)."""
 
-        probe = "cv_0"
-
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.betas: list[float] = []  # the control variate's β per step (cv_ probes)
-
-        def _probe_loss(self, b) -> tuple[torch.Tensor, dict[str, float]]:
+        def _loss(self, b) -> tuple[torch.Tensor, dict[str, float]]:
             ro = b.rollout
             mask = ro.completion_mask
             lp_t = self._teacher_token_logprobs(ro)
             teacher, grad = {}, ("logprobs",)
-            if self.probe.startswith("cv_"):  # -H + log V per position, as the reverse KL against uniform logits
+            if probe.startswith("cv_"):  # -H + log V per position, as the reverse KL against uniform logits
                 v, dev = self.vocab_size, self.accelerator.device
                 teacher = {"teacher_logits": lambda s, e: torch.zeros(e - s, v, device=dev)}
                 grad = ("logprobs", "divergence")
             out = self._student(ro, teacher, grad)
             ls = _grid(out.logprobs, mask)
             r = (ls.detach() - lp_t) * mask
-            if self.probe.startswith("is_t"):  # the rollouts came from softmax(z / T): weight each token back to p_s
+            if probe.startswith("is_t"):  # the rollouts came from softmax(z / T): weight each token back to p_s
                 with torch.no_grad():
                     x, w, bias = self._student_scorer(ro)
                     z = x[mask] if w is None else torch.nn.functional.linear(x[mask], w, bias)
-                    lq = torch.log_softmax(z[:, : self.vocab_size].float() / IS_TEMP[self.probe], -1)
+                    lq = torch.log_softmax(z[:, : self.vocab_size].float() / temperature, -1)
                     lq = _grid(lq.gather(-1, ro.completion_ids[mask][:, None]).squeeze(-1), mask)
                     wts = (ls.detach() - lq).exp() * mask
-                    if IS_CAP[self.probe] is not None:
-                        wts = wts.clamp(max=IS_CAP[self.probe])
+                    if cap is not None:
+                        wts = wts.clamp(max=cap)
                 a = -r
                 a = wts * (a - L.leave_one_out_baseline(a, mask)) * mask
                 loss = L.policy_gradient_loss(ls, a, mask, 1.0)
-            elif self.probe.startswith("cv_"):
-                if self.probe == "cv_fit":
+            elif probe.startswith("cv_"):
+                if probe == "cv_fit":
                     m = mask.float()
                     n = m.sum()
                     dl = (ls.detach() - (ls.detach() * m).sum() / n) * m
                     beta = float((dl * (r - (r * m).sum() / n)).sum() / (dl.square().sum() + 1e-8))
                 else:
-                    beta = float(self.probe[3:])
-                self.betas.append(beta)
+                    beta = float(probe[3:])
+                betas.append(beta)
                 a = -(r - beta * ls.detach()) * mask
                 a = (a - L.leave_one_out_baseline(a, mask)) * mask
                 negent = _grid(out.divergence, mask)
@@ -114,14 +111,11 @@ def _trainer_class():
                 # beyond), differentiable through log p_s
                 d = (lp_t - ls).clamp(-20.0, 20.0)
                 loss = ((d.exp() - d - 1.0).clamp(-10.0, 10.0) * mask).sum()
-                if self.probe == "k3_mix":
+                if probe == "k3_mix":
                     a = -r
                     a = (a - L.leave_one_out_baseline(a, mask)) * mask
                     loss = 0.5 * loss + 0.5 * L.policy_gradient_loss(ls, a, mask, 1.0)
             return loss, {"loss": float(loss.detach()), "kl": float(r.sum())}
-
-        def _loss(self, b):  # noqa: D102 - the probe's objective
-            return self._probe_loss(b)
 
     return ProbeTrainer
 
@@ -133,20 +127,12 @@ def run_probe(world, probe: str, seed: int, steps: int) -> dict:
 
     run = ToyRunConfig(task="add").with_(
         loss="sampled_token", sampled_token_baseline="none", steps=steps, seed=seed, progress_bar=False,
-        temperature=IS_TEMP.get(probe, 1.0),
+        temperature=IS.get(probe, (1.0, None))[0],
     )  # fmt: skip
     if run.opd.grad_accum != 1:
         raise SystemExit("the probes compute their baseline inside one micro-batch: grad_accum must be 1")
-    cls = _trainer_class()
-    cls.probe = probe
     betas: list[float] = []
-
-    class Recording(cls):
-        def __init__(self, *args, **kwargs) -> None:
-            super().__init__(*args, **kwargs)
-            self.betas = betas
-
-    model, history, secs = opd_run(world.load_student(), world, run, trainer_cls=Recording)
+    model, history, secs = opd_run(world.load_student(), world, run, trainer_cls=_trainer_class(probe, betas))
     kl = [h["kl"] for h in history]
     return {
         "probe": probe, "what": WHAT[probe], "seed": seed, "steps": steps, "world": world.key,

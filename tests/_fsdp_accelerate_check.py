@@ -25,13 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _fsdp_check import GLOBAL_BATCH, STEPS, global_batch, peft_student, placements, tiny_model  # noqa: E402
+from _distributed_check import tiny_model  # noqa: E402
+from _fsdp_check import GLOBAL_BATCH, STEPS, VOCAB, global_batch, peft_student, placements  # noqa: E402
 
 # SGD, not AdamW: AdamW's first steps move every value by about lr whatever the gradient's size, so a near-zero
 # gradient whose sign differs between the sharded and the one-process run (bf16 GEMMs of other shapes on a GPU)
@@ -44,16 +46,26 @@ def _values(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().cpu() for n, p in model.named_parameters() if "sparse_opd_" in n}
 
 
+def sgd_steps(model: torch.nn.Module, opt, batch: Callable[[int], torch.Tensor], backward=torch.Tensor.backward):
+    """``STEPS`` steps of the optimizer ``opt`` on the batches ``batch(step)``, gradients through ``backward(loss)``;
+    returns the detached losses."""
+    model.train()
+    losses = []
+    for step in range(STEPS):
+        ids = batch(step)
+        loss = model(input_ids=ids, labels=ids).loss
+        backward(loss)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return losses
+
+
 def reference(device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One process, no sharding, the whole global batches: the trained values and the logits of batch 0."""
     model = peft_student(dtype=torch.bfloat16).to(device)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=SGD_LR)
-    model.train()
-    for step in range(STEPS):
-        ids = global_batch(step).to(device)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    sgd_steps(model, opt, lambda step: global_batch(step).to(device))
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=global_batch(0).to(device)).logits.float().cpu()
@@ -84,15 +96,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     model = peft_student(dtype=torch.bfloat16)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=SGD_LR)
     model, opt = acc.prepare(model, opt)
-    losses = []
-    model.train()
-    for step in range(STEPS):
-        ids = global_batch(step)[acc.process_index * per_rank : (acc.process_index + 1) * per_rank].to(acc.device)
-        loss = model(input_ids=ids, labels=ids).loss
-        acc.backward(loss)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(acc.reduce(loss.detach(), "mean")))
+    rows = slice(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)  # this process's slice
+    step_losses = sgd_steps(model, opt, lambda step: global_batch(step)[rows].to(acc.device), acc.backward)
+    losses = [float(acc.reduce(loss, "mean")) for loss in step_losses]
     unwrapped = acc.unwrap_model(model)
     shards = placements(unwrapped)
     save_sharded_adapter(unwrapped, out / "adapter")
@@ -101,7 +107,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     ref_values, ref_logits = reference(acc.device)
-    loaded = PeftModel.from_pretrained(tiny_model().to(torch.bfloat16), str(out / "adapter")).to(acc.device).eval()
+    base = tiny_model(0, vocab_size=VOCAB).to(torch.bfloat16)
+    loaded = PeftModel.from_pretrained(base, str(out / "adapter")).to(acc.device).eval()
     got = _values(loaded)
     value_diff = max(float((got[n] - ref_values[n]).abs().max()) for n in ref_values)
     with torch.no_grad():

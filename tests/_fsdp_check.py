@@ -24,37 +24,22 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from _distributed_check import tiny_model
+from conftest import random_mask
 
 STEPS, GLOBAL_BATCH, SEQ_LEN, VOCAB, LR = 3, 4, 12, 32, 1e-2
 
 
-def tiny_model(seed: int = 0) -> Qwen3ForCausalLM:
-    """A 2-layer Qwen3 (hidden 32, float32), deterministic from ``seed``."""
-    torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
-    )  # fmt: skip
-    return Qwen3ForCausalLM(config).eval()
-
-
-def tiny_mask(model: torch.nn.Module, density: float = 0.3, seed: int = 1) -> dict[str, torch.Tensor]:
-    """A random bool mask over every Linear of the decoder blocks (odd nnz in places: uneven shards)."""
-    g = torch.Generator().manual_seed(seed)
-    return {n: torch.rand(m.weight.shape, generator=g) < density for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and ".layers." in n}  # fmt: skip
-
-
 def peft_student(seed: int = 0, dtype: torch.dtype = torch.float32):
-    """``get_peft_model(tiny_model(seed) in dtype, SparseOPDConfig(mask=tiny_mask(...)))``: a frozen base of
-    ``dtype``, trainable float32 values, float32 values on disk."""
+    """``get_peft_model(tiny_model(seed, vocab_size=VOCAB) in dtype, SparseOPDConfig(mask=random_mask(base, 0.3)))``:
+    a frozen base of ``dtype`` (a 2-layer Qwen3, hidden 32), a random mask over every Linear of the decoder blocks
+    (odd nnz in places: uneven shards), trainable float32 values, float32 values on disk."""
     from peft import get_peft_model
 
     from sparse_opd_peft import SparseOPDConfig
 
-    base = tiny_model(seed).to(dtype)
-    return get_peft_model(base, SparseOPDConfig(mask=tiny_mask(base), save_dtype="float32"))
+    base = tiny_model(seed, vocab_size=VOCAB).to(dtype)
+    return get_peft_model(base, SparseOPDConfig(mask=random_mask(base, 0.3), save_dtype="float32"))
 
 
 def global_batch(step: int) -> torch.Tensor:

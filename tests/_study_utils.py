@@ -1,9 +1,11 @@
-"""Shared by the study tests: the tiny-world StudyConfig and a walk over every number of a section's data."""
+"""Shared by the study tests: the tiny-world StudyConfig, a walk over every number of a section's data, a check of a
+section's PNGs, and a guard that a cached run recomputes nothing."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from sparse_opd_peft.lab.study import StudyConfig
 
@@ -29,3 +31,21 @@ def numbers(obj, path: str = "data") -> Iterator[tuple[str, float]]:
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from numbers(v, f"{path}[{i}]")
+
+
+def check_plots(root: Path, plots: list[str]) -> None:
+    """``plots`` is not empty and each is a PNG of more than 5000 bytes under ``root / "study"``."""
+    assert plots
+    for p in plots:
+        f = root / "study" / p
+        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000, p
+
+
+def forbid(monkeypatch, targets: list[tuple[Any, str]], why: str) -> None:
+    """Make every ``(module, name)`` in ``targets`` raise ``AssertionError(why)`` when called (for the test's length)."""
+
+    def boom(*args, **kwargs):
+        raise AssertionError(why)
+
+    for module, name in targets:
+        monkeypatch.setattr(module, name, boom)

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _fsdp_check import SEQ_LEN, VOCAB, peft_student, tiny_mask, tiny_model, train
+from _distributed_check import tiny_model
+from _fsdp_check import SEQ_LEN, VOCAB, peft_student, train
+from conftest import random_mask
 from peft import PeftModel
 from safetensors.torch import load_file
 
@@ -142,7 +144,7 @@ def test_sharded_save_equals_single_process_save(sharded_run, single, tmp_path):
 def test_reload_into_fresh_base_equals_single_process(sharded_run, single):
     """``PeftModel.from_pretrained(fresh base, saved dir)`` gives the single-process values and logits."""
     model, _ = single
-    loaded = PeftModel.from_pretrained(tiny_model(), str(sharded_run / "adapter"))
+    loaded = PeftModel.from_pretrained(tiny_model(0, vocab_size=VOCAB), str(sharded_run / "adapter"))
     ref = _values(model)
     got = _values(loaded)
     assert set(got) == set(ref)
@@ -153,7 +155,7 @@ def test_reload_into_fresh_base_equals_single_process(sharded_run, single):
     with torch.no_grad():
         want = model(input_ids=ids).logits
         out = loaded(input_ids=ids).logits
-        base = tiny_model()(input_ids=ids).logits
+        base = tiny_model(0, vocab_size=VOCAB)(input_ids=ids).logits
     assert (want - base).abs().max() > 1e-3  # the adapter changes the output
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
@@ -171,7 +173,7 @@ def test_save_sharded_adapter_without_shards_is_save_adapter(tmp_path, single):
     a, b = load_file(str(out / "adapter_model.safetensors")), load_file(str(want / "adapter_model.safetensors"))
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(TypeError, match="expected the PeftModel"):
-        save_sharded_adapter(tiny_model(), tmp_path / "c")
+        save_sharded_adapter(tiny_model(0, vocab_size=VOCAB), tmp_path / "c")
     with pytest.raises(TypeError, match="state_dict"):
         save_sharded_adapter(model, tmp_path / "d", state_dict={})
 
@@ -186,7 +188,7 @@ def test_gather_skips_frozen_base_weights_unless_an_adapter_is_frozen():
     keys = set(sharded_adapter_state_dict(model))
     assert keys and all("sparse_opd_" in k for k in keys)
     assert {k for k in keys if "sparse_opd_values" in k} == set(_values(model))
-    mask = {n: m for n, m in tiny_mask(tiny_model(), seed=2).items() if n.endswith("q_proj")}
+    mask = {n: m for n, m in random_mask(tiny_model(0, vocab_size=VOCAB), 0.3, seed=2).items() if n.endswith("q_proj")}
     model.add_adapter("other", SparseOPDConfig(mask=mask))
     assert not any(p.requires_grad for n, p in model.named_parameters() if n.endswith(".other"))
     keys = set(sharded_adapter_state_dict(model))

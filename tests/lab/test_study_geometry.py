@@ -9,9 +9,24 @@ import re
 from pathlib import Path
 
 import pytest
-from _study_utils import numbers, tiny_config
+from _study_utils import check_plots, forbid, numbers, tiny_config
 
 from sparse_opd_peft.lab.study import StudyConfig, StudyContext, controls, geometry, render_study, run_study
+from sparse_opd_peft.lab.study.geometry_claims import (
+    COLUMNS,
+    LOW_LR,
+    METHODS,
+    SIM_K,
+    _increasing,
+    _trend,
+    ffn_heavy,
+    locks_early,
+    low_magnitude_lean,
+    ordered,
+    rank_trends_as_paper,
+    rotation_ordered,
+)
+from sparse_opd_peft.opd.checkpoint import snapshot_paths
 
 VERDICT = re.compile(r"\*\*(not reproduced|reproduced|holds|fails)\*\*")
 
@@ -46,51 +61,44 @@ def _check_data(data: dict) -> None:
             assert value >= 0, (path, value)
 
 
-def _check_plots(root: Path, plots: list[str]) -> None:
-    assert plots
-    for p in plots:
-        f = root / "study" / p
-        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000, p
-
-
 def test_geometry_section(study):
     root, _, sec, _ = study
     assert sec.name == "geometry" and sec.title and sec.markdown
     md = sec.markdown
     assert f"| metric | SFT | OPD | RLVR | RLVR* (lr {geometry.RLVR_LR:g}) | paper (SFT / OPD / RLVR) |" in md
     for row in ("bf16 update sparsity", "FFN share", "low-magnitude overlap", "principal overlap", "NSS",
-                "principal angle", "stable rank", f"Sim_{geometry.SIM_K}", "held-out accuracy"):  # fmt: skip
+                "principal angle", "stable rank", f"Sim_{SIM_K}", "held-out accuracy"):  # fmt: skip
         assert row in md, row
     assert "8.1 / 51.6 / 77.2" in md and "31.9 / 53.6 / 73.5" in md  # the paper's figures beside ours
     # every claim line states the verdicts that the section's own numbers give (the tiny world's numbers mean
     # nothing, so which way each goes is not known here; tests/lab/test_study_verdicts.py covers both ways)
     nan = lambda d: {m: math.nan if v is None else v for m, v in d.items()}  # noqa: E731
     means = {k: nan(v) for k, v in sec.data["means"].items()}
-    low = {k: nan({m: sec.data["low_lr"][m][k] for m in geometry.METHODS}) for k in ("bf16_sparsity",
-                                                                                   "low_magnitude_overlap")}  # fmt: skip
+    low = {k: nan({m: sec.data["low_lr"][m][k] for m in METHODS}) for k in ("bf16_sparsity",
+                                                                          "low_magnitude_overlap")}  # fmt: skip
     sp, sim = means["bf16_sparsity"], means["sim_early"]
     sr0, sr1 = means["stable_rank_first"], means["stable_rank"]
-    trend = {m: geometry._trend(sr1[m] / sr0[m] if sr0[m] else math.nan) for m in geometry.COLUMNS}
+    trend = {m: _trend(sr1[m] / sr0[m] if sr0[m] else math.nan) for m in COLUMNS}
     rot = {k: means[k] for k in ("principal_angle_deg", "nss")}
     expected = {
-        "SFT < OPD < RLVR in bf16 sparsity": [geometry.ordered(sp), geometry.ordered(sp, ("SFT", "OPD", "RLVR*")),
-                                              geometry.ordered(low["bf16_sparsity"])],
-        "FFN-heavy": [geometry.ffn_heavy(means["ffn_energy_share"]["OPD"])],
-        "low-magnitude weights": [geometry.low_magnitude_lean(means["low_magnitude_overlap"]["OPD"]),
-                                  geometry.low_magnitude_lean(low["low_magnitude_overlap"]["OPD"]),
-                                  geometry.ordered(low["low_magnitude_overlap"])],
-        "locks early": [geometry.locks_early(sim), geometry.locks_early(sim, "RLVR*")],
-        "SFT expands": [geometry.rank_trends_as_paper(trend)],
-        "Rotation and spectral drift": [geometry.rotation_ordered(rot), geometry.rotation_ordered(rot, "RLVR*")],
+        "SFT < OPD < RLVR in bf16 sparsity": [ordered(sp), ordered(sp, ("SFT", "OPD", "RLVR*")),
+                                              ordered(low["bf16_sparsity"])],
+        "FFN-heavy": [ffn_heavy(means["ffn_energy_share"]["OPD"])],
+        "low-magnitude weights": [low_magnitude_lean(means["low_magnitude_overlap"]["OPD"]),
+                                  low_magnitude_lean(low["low_magnitude_overlap"]["OPD"]),
+                                  ordered(low["low_magnitude_overlap"])],
+        "locks early": [locks_early(sim), locks_early(sim, "RLVR*")],
+        "SFT expands": [rank_trends_as_paper(trend)],
+        "Rotation and spectral drift": [rotation_ordered(rot), rotation_ordered(rot, "RLVR*")],
     }  # fmt: skip
     for claim, verdicts in expected.items():
         assert _claim(md, claim) == verdicts, claim
-    assert f"lr {geometry.LOW_LR:g}" in md
+    assert f"lr {LOW_LR:g}" in md
     data = sec.data
-    assert set(data["methods"]) == set(geometry.COLUMNS) == {*geometry.METHODS, "RLVR*"}
-    assert set(data["low_lr"]) >= {"lr", *geometry.METHODS}
+    assert set(data["methods"]) == set(COLUMNS) == {*METHODS, "RLVR*"}
+    assert set(data["low_lr"]) >= {"lr", *METHODS}
     assert data["methods"]["RLVR*"][0]["run"] == f"geo_rlvr_lr{geometry.RLVR_LR:g}_s0"
-    for m in geometry.COLUMNS:
+    for m in COLUMNS:
         (row,) = data["methods"][m]
         assert 0 <= row["acc"] <= 1 and 0 <= row["bf16_sparsity"] <= 1
         (traj,) = data["trajectories"][m]
@@ -100,7 +108,7 @@ def test_geometry_section(study):
     opd = data["methods"]["OPD"][0]
     assert opd["bf16_sparsity"] < 1 and opd["stable_rank"] > 0 and opd["low_magnitude_overlap"] is not None
     _check_data(data)
-    _check_plots(root, sec.plots)
+    check_plots(root, sec.plots)
 
 
 def test_controls_section(study):
@@ -123,21 +131,17 @@ def test_controls_section(study):
     assert sec.data["kept_share"] == {"0.25": 0.4, "0.5": 0.6}  # ⌈ρ·5⌉ / 5 for 4-digit answers + EOS
     assert len(sec.plots) == len(controls.FAMILIES)
     _check_data(sec.data)
-    _check_plots(root, sec.plots)
+    check_plots(root, sec.plots)
 
 
 def test_second_run_is_served_from_the_cache(study, monkeypatch, tiny_toy_cache):
     root, _, geo, ctl = study
 
-    def boom(*args, **kwargs):
-        raise AssertionError("a cached study must neither train nor re-run diagnostics")
-
     import sparse_opd_peft.diagnostics as diagnostics
     import sparse_opd_peft.lab.toy as toy
 
-    monkeypatch.setattr(toy, "opd_run", boom)
-    monkeypatch.setattr(diagnostics, "diagnose", boom)
-    monkeypatch.setattr(diagnostics, "trajectory", boom)
+    forbid(monkeypatch, [(toy, "opd_run"), (diagnostics, "diagnose"), (diagnostics, "trajectory")],
+           "a cached study must neither train nor re-run diagnostics")  # fmt: skip
     summary = run_study(_config(root, tiny_toy_cache))
     assert summary["sections"]["geometry"]["data"] == json.loads(json.dumps(geo.data))
     assert summary["sections"]["controls"]["data"] == json.loads(json.dumps(ctl.data))
@@ -151,9 +155,9 @@ def test_second_run_is_served_from_the_cache(study, monkeypatch, tiny_toy_cache)
 def test_helpers(tmp_path):
     for k in (0, 2, 10, 9):
         (tmp_path / f"step_{k}.safetensors").write_bytes(b"")
-    assert [s for s, _ in geometry.snapshots(tmp_path)] == [2, 9, 10]
+    assert [s for s, _ in snapshot_paths(tmp_path)] == [2, 9, 10]
     ref = [{"step": 1, "stable_rank": 2.0}, {"step": 2, "stable_rank": 4.0}]
     assert controls._rel_gap([{"step": 1, "stable_rank": 3.0}, {"step": 2, "stable_rank": 4.0}], ref) == 0.25
     assert controls._rel_gap([{"step": 3, "stable_rank": 1.0}], ref) is None
     assert geometry.clean({"a": [float("nan"), 1.0], "b": float("inf")}) == {"a": [None, 1.0], "b": None}
-    assert geometry._increasing(0.1, 0.2, 0.3) and not geometry._increasing(0.1, float("nan"))
+    assert _increasing(0.1, 0.2, 0.3) and not _increasing(0.1, float("nan"))

@@ -8,9 +8,9 @@ import math
 from pathlib import Path
 
 import pytest
-from _study_utils import numbers, tiny_config
+from _study_utils import check_plots, forbid, numbers, tiny_config
 
-from sparse_opd_peft.lab.study import StudyConfig, StudyContext, predictors, savings
+from sparse_opd_peft.lab.study import StudyConfig, StudyContext, predictors, predictors_report, savings
 
 
 def _config(root: Path, cache: Path) -> StudyConfig:
@@ -22,13 +22,6 @@ def study(tmp_path_factory, tiny_toy_cache):
     root = tmp_path_factory.mktemp("study_predictors")
     ctx = StudyContext(_config(root, tiny_toy_cache))
     return root, ctx, predictors.run(ctx), savings.run(ctx)
-
-
-def _check_plots(root: Path, plots: list[str]) -> None:
-    assert plots
-    for p in plots:
-        f = root / "study" / p
-        assert f.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f.stat().st_size > 5000, p
 
 
 def test_predictors_section(study):
@@ -57,12 +50,12 @@ def test_predictors_section(study):
                   "no_separation": "does not separate the predictors"}  # fmt: skip
     half = sec.markdown.index("density (seed 0):")
     for md, section_rows in ((sec.markdown[:half], rows), (sec.markdown[half:], sec.data["rows_hi"])):
-        kind, good = predictors.outcome(section_rows)
+        kind, good = predictors_report.outcome(section_rows)
         for k, statement in statements.items():
             assert md.count(statement) == int(k == kind), (k, kind)
         for key in good:
             assert section_rows[key]["label"] in md.split(statements["recovers"])[1].splitlines()[0]
-    _check_plots(root, sec.plots)
+    check_plots(root, sec.plots)
 
 
 def test_savings_section(study):
@@ -87,23 +80,18 @@ def test_savings_section(study):
     routes = [r["route"] for r in e2e]
     assert routes[:2] == ["full OPD", "full OPD + masked retrain"] and routes[2].startswith("early probe (")
     assert all(len(r["acc"]) == 1 and r["full_step_units"] > 0 for r in e2e)
-    _check_plots(root, sec.plots)
+    check_plots(root, sec.plots)
 
 
 def test_second_run_is_served_from_the_cache(study, monkeypatch, tiny_toy_cache):
     root, _, first, first_sav = study
 
-    def boom(*args, **kwargs):
-        raise AssertionError("a cached run was recomputed")
-
     import sparse_opd_peft.lab.toy as toy
     import sparse_opd_peft.lab.toy.runs as runs
     import sparse_opd_peft.masks as mp
 
-    monkeypatch.setattr(toy, "opd_run", boom)
-    monkeypatch.setattr(runs, "opd_probe_run", boom)
-    monkeypatch.setattr(mp, "gradient_statistics", boom)
-    monkeypatch.setattr(savings, "_measure_all", boom)
+    forbid(monkeypatch, [(toy, "opd_run"), (runs, "opd_probe_run"), (mp, "gradient_statistics"),
+                         (savings, "_measure_all")], "a cached run was recomputed")  # fmt: skip
     ctx = StudyContext(_config(root, tiny_toy_cache))
     again, sav = predictors.run(ctx), savings.run(ctx)
     assert again.data["rows"]["final"]["acc"] == first.data["rows"]["final"]["acc"]

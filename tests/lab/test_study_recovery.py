@@ -8,22 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from _study_utils import numbers
+from _study_utils import forbid, numbers, tiny_config
 
-from sparse_opd_peft.lab.study import StudyConfig, StudyContext, recovery, recovery_extra, subspace
-
-
-def _forbid(*_args, **_kwargs):
-    raise AssertionError("training ran although every run should be cached")
+from sparse_opd_peft.lab.study import StudyContext, recovery, recovery_extra, subspace
 
 
 @pytest.fixture(scope="module")
 def sections(tmp_path_factory, tiny_toy_cache):
     torch.set_num_threads(1)
-    cfg = StudyConfig(
-        out=str(tmp_path_factory.mktemp("study")), cache_dir=str(tiny_toy_cache), tiny=True,
-        steps=4, seeds=1, eval_samples=16, progress=False, sections=("recovery", "subspace"),
-    )  # fmt: skip
+    cfg = tiny_config(tmp_path_factory.mktemp("study"), ("recovery", "subspace"), tiny_toy_cache)
     ctx = StudyContext(cfg)
     first = (recovery.run(ctx), subspace.run(ctx))
     n_runs = len(list(ctx.runs_dir.glob("*.json")))
@@ -31,9 +24,8 @@ def sections(tmp_path_factory, tiny_toy_cache):
         import sparse_opd_peft.lab.toy as toy
         import sparse_opd_peft.lab.toy.runs as toy_runs
 
-        for target in (toy, toy_runs):
-            mp.setattr(target, "opd_run", _forbid)
-        mp.setattr(toy_runs, "opd_probe_run", _forbid)
+        forbid(mp, [(toy, "opd_run"), (toy_runs, "opd_run"), (toy_runs, "opd_probe_run")],
+               "training ran although every run should be cached")  # fmt: skip
         ctx2 = StudyContext(cfg)
         second = (recovery.run(ctx2), subspace.run(ctx2))
     assert len(list(ctx.runs_dir.glob("*.json"))) == n_runs

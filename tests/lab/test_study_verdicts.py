@@ -12,7 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from sparse_opd_peft.lab.study import RenderInfo, StudyConfig, controls, geometry, predictors_report, recovery, subspace
+from sparse_opd_peft.lab.study import RenderInfo, StudyConfig, controls, predictors_report, recovery, subspace
+from sparse_opd_peft.lab.study.geometry_claims import (
+    COLUMNS,
+    METHODS,
+    _trend,
+    claims,
+    ffn_heavy,
+    locks_early,
+    low_magnitude_lean,
+    ordered,
+    rank_trends_as_paper,
+    rotation_ordered,
+)
 from sparse_opd_peft.lab.study.recovery_extra import low_lr_md, sgd_md
 
 VERDICT = re.compile(r"\*\*(not reproduced|reproduced|holds|fails)\*\*")
@@ -27,27 +39,27 @@ def _verdicts(line: str) -> list[str]:
 
 
 def test_geometry_predicates_both_ways():
-    assert geometry.ordered({"SFT": 0.081, "OPD": 0.516, "RLVR": 0.772})  # the paper's bf16 sparsities
-    assert not geometry.ordered({"SFT": 0.516, "OPD": 0.081, "RLVR": 0.772})
-    assert not geometry.ordered({"SFT": 0.10, "OPD": 0.105, "RLVR": 0.5})  # a 0.5-point step is not > TOL (1 point)
-    assert not geometry.ordered({"SFT": 0.1, "OPD": math.nan, "RLVR": 0.5})
-    assert geometry.ordered({"SFT": 0.1, "OPD": 0.2, "RLVR": 0.0, "RLVR*": 0.3}, ("SFT", "OPD", "RLVR*"))
-    assert geometry.ffn_heavy(0.75) and not geometry.ffn_heavy(0.5) and not geometry.ffn_heavy(0.3)
-    assert geometry.low_magnitude_lean(0.536)  # the paper's 53.6 %
-    assert not geometry.low_magnitude_lean(0.52) and not geometry.low_magnitude_lean(0.50)  # MARGIN: above 52 %
+    assert ordered({"SFT": 0.081, "OPD": 0.516, "RLVR": 0.772})  # the paper's bf16 sparsities
+    assert not ordered({"SFT": 0.516, "OPD": 0.081, "RLVR": 0.772})
+    assert not ordered({"SFT": 0.10, "OPD": 0.105, "RLVR": 0.5})  # a 0.5-point step is not > TOL (1 point)
+    assert not ordered({"SFT": 0.1, "OPD": math.nan, "RLVR": 0.5})
+    assert ordered({"SFT": 0.1, "OPD": 0.2, "RLVR": 0.0, "RLVR*": 0.3}, ("SFT", "OPD", "RLVR*"))
+    assert ffn_heavy(0.75) and not ffn_heavy(0.5) and not ffn_heavy(0.3)
+    assert low_magnitude_lean(0.536)  # the paper's 53.6 %
+    assert not low_magnitude_lean(0.52) and not low_magnitude_lean(0.50)  # MARGIN: above 52 %
     sim = {"SFT": 0.5, "OPD": 0.9, "RLVR": 0.6, "RLVR*": 0.89}
-    assert geometry.locks_early(sim) and not geometry.locks_early(sim, "RLVR*")  # RLVR* within 0.02 of OPD
-    assert not geometry.locks_early({"SFT": 0.89, "OPD": 0.9, "RLVR": 0.5})
-    assert geometry._trend(1.5) == "expands (1.50)" and geometry._trend(1.05) == "band (1.05)"
-    assert geometry._trend(0.8) == "contracts (0.80)" and geometry._trend(math.nan) == "–"
-    paper = {"SFT": geometry._trend(1.5), "OPD": geometry._trend(1.0), "RLVR": geometry._trend(0.7)}
-    assert geometry.rank_trends_as_paper(paper)
-    assert not geometry.rank_trends_as_paper({**paper, "OPD": geometry._trend(1.2)})
-    assert not geometry.rank_trends_as_paper({**paper, "RLVR": geometry._trend(0.95)})
+    assert locks_early(sim) and not locks_early(sim, "RLVR*")  # RLVR* within 0.02 of OPD
+    assert not locks_early({"SFT": 0.89, "OPD": 0.9, "RLVR": 0.5})
+    assert _trend(1.5) == "expands (1.50)" and _trend(1.05) == "band (1.05)"
+    assert _trend(0.8) == "contracts (0.80)" and _trend(math.nan) == "–"
+    paper = {"SFT": _trend(1.5), "OPD": _trend(1.0), "RLVR": _trend(0.7)}
+    assert rank_trends_as_paper(paper)
+    assert not rank_trends_as_paper({**paper, "OPD": _trend(1.2)})
+    assert not rank_trends_as_paper({**paper, "RLVR": _trend(0.95)})
     rot = {"principal_angle_deg": {"SFT": 12.0, "OPD": 1.0, "RLVR": 0.4, "RLVR*": 0.99},
            "nss": {"SFT": 1e-3, "OPD": 1e-4, "RLVR": 1e-5, "RLVR*": 1e-6}}  # fmt: skip
-    assert geometry.rotation_ordered(rot)
-    assert not geometry.rotation_ordered(rot, "RLVR*")  # 0.99 -> 1.0 is a step of 1 %, not > RTOL (5 %)
+    assert rotation_ordered(rot)
+    assert not rotation_ordered(rot, "RLVR*")  # 0.99 -> 1.0 is a step of 1 %, not > RTOL (5 %)
 
 
 def _paper_like_means() -> dict[str, dict[str, float]]:
@@ -89,7 +101,7 @@ def _claim_verdicts(lines: list[str]) -> dict[str, list[str]]:
 
 
 def test_geometry_claims_all_reproduced_on_paper_like_numbers():
-    lines = geometry.claims(_paper_like_means(), _paper_like_low(), anchor=0.2, lr=1e-3, n_seeds=3)
+    lines = claims(_paper_like_means(), _paper_like_low(), anchor=0.2, lr=1e-3, n_seeds=3)
     assert _claim_verdicts(lines) == ALL_HOLD
     assert len(lines) == 6  # nothing collapsed
     assert "nothing is learnt" not in lines[0]  # the low-lr runs moved accuracy by ≥ 5 points
@@ -97,12 +109,12 @@ def test_geometry_claims_all_reproduced_on_paper_like_numbers():
 
 def test_geometry_claims_none_reproduced_on_dense_flat_numbers():
     """The toy world's situation at lr 1e-3: every mask nearly dense, overlaps at the 50 % baseline, flat ranks."""
-    flat = {k: dict.fromkeys(geometry.COLUMNS, v) for k, v in (("bf16_sparsity", 0.01), ("low_magnitude_overlap", 0.5),
+    flat = {k: dict.fromkeys(COLUMNS, v) for k, v in (("bf16_sparsity", 0.01), ("low_magnitude_overlap", 0.5),
             ("ffn_energy_share", 0.45), ("ffn_param_share", 0.8), ("sim_early", 0.75), ("stable_rank_first", 5.0),
             ("stable_rank", 5.0), ("principal_angle_deg", 9.0), ("nss", 0.04), ("sim_random", 0.22))}  # fmt: skip
     flat["late_reward"] = {"SFT": math.nan, "OPD": 0.5, "RLVR": 0.001, "RLVR*": 0.3}
-    low = {m: {"acc": 0.131, "bf16_sparsity": 0.2, "low_magnitude_overlap": 0.51} for m in geometry.METHODS}
-    lines = geometry.claims(flat, low, anchor=0.131, lr=1e-3, n_seeds=3)
+    low = {m: {"acc": 0.131, "bf16_sparsity": 0.2, "low_magnitude_overlap": 0.51} for m in METHODS}
+    lines = claims(flat, low, anchor=0.131, lr=1e-3, n_seeds=3)
     expected = {c: ["not reproduced"] * len(v) for c, v in ALL_HOLD.items()}
     expected[CLAIMS[2]] = ["not reproduced", "not reproduced", "fails"]
     assert _claim_verdicts(lines) == expected
@@ -129,7 +141,7 @@ def test_geometry_each_number_flips_only_its_own_verdict(key, method, value, cla
     means = _paper_like_means()
     means[key][method] = value
     expected = {**ALL_HOLD, claim: verdicts}
-    assert _claim_verdicts(geometry.claims(means, _paper_like_low(), 0.2, 1e-3, 3)) == expected
+    assert _claim_verdicts(claims(means, _paper_like_low(), 0.2, 1e-3, 3)) == expected
 
 
 @pytest.mark.parametrize(
@@ -144,7 +156,7 @@ def test_geometry_low_lr_numbers_flip_their_verdicts(low_key, method, value, ver
     low = _paper_like_low()
     low[method][low_key] = value
     claim = CLAIMS[0] if low_key == "bf16_sparsity" else CLAIMS[2]
-    assert _claim_verdicts(geometry.claims(_paper_like_means(), low, 0.2, 1e-3, 3)) == {**ALL_HOLD, claim: verdicts}
+    assert _claim_verdicts(claims(_paper_like_means(), low, 0.2, 1e-3, 3)) == {**ALL_HOLD, claim: verdicts}
 
 
 # ---------------------------------------------------------------------------------------------- controls

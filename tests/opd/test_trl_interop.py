@@ -14,10 +14,10 @@ import pytest
 import torch
 from datasets import Dataset
 from peft import get_peft_model
-from transformers import Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3ForCausalLM
 
 from sparse_opd_peft import SparseOPDConfig
-from sparse_opd_peft.lab.toy import build_tokenizer
+from sparse_opd_peft.lab.toy import ModelSpec, build_model, build_tokenizer
 
 trl = pytest.importorskip("trl")
 DistillationConfig = getattr(trl, "DistillationConfig", None)
@@ -31,17 +31,9 @@ PROMPTS = ["123+456=", "001+002=", "999+999=", "500+250=", "042+017=", "300+700=
 
 
 def _model(seed: int, hidden: int = 32) -> Qwen3ForCausalLM:
-    tok = TOKENIZER
-    config = Qwen3Config(
-        vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=16, tie_word_embeddings=False,
-        pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-    )  # fmt: skip
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(config)
-    model.generation_config.eos_token_id = tok.eos_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    return model
+    """A 2-layer toy Qwen3 (head_dim 16, untied) over the toy tokenizer; the spec's schedule is unused."""
+    spec = ModelSpec(hidden, 2, 2, 1, 16, 2 * hidden, steps=0, lr=1e-3)
+    return build_model(spec, TOKENIZER, seed)
 
 
 def _mask(model: torch.nn.Module, with_lm_head: bool = False, density: float = 0.2) -> dict[str, torch.Tensor]:

@@ -22,29 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .core import RenderInfo, Section, StudyContext, json_roundtrip, mean_std
-
-# The section's claims and their verdict rules live in .geometry_claims; they are importable from here too.
-from .geometry_claims import (  # noqa: F401
-    BAND,
-    COLUMNS,
-    LOW_LR,
-    MARGIN,
-    METHODS,
-    RTOL,
-    SIM_K,
-    TOL,
-    _increasing,
-    _pcts,
-    _trend,
-    _verdict,
-    claims,
-    ffn_heavy,
-    locks_early,
-    low_magnitude_lean,
-    ordered,
-    rank_trends_as_paper,
-    rotation_ordered,
-)
+from .geometry_claims import COLUMNS, LOW_LR, METHODS, SIM_K, claims
 
 RLVR_LR = 1e-4
 RLVR_GENERATIONS = 4
@@ -123,13 +101,6 @@ def method_run(ctx: StudyContext, method: str, seed: int) -> tuple[str, dict[str
     return name, result, ctx.artifact_dir(name)
 
 
-def snapshots(ckpt_dir: Path) -> list[tuple[int, Path]]:
-    """``[(step, path)]`` of the ``step_<k>.safetensors`` snapshots with k > 0, in step order."""
-    from ...opd.checkpoint import snapshot_paths
-
-    return snapshot_paths(ckpt_dir)
-
-
 def _finite(x: Any) -> Any:
     return x if isinstance(x, (int, float)) and math.isfinite(x) else None
 
@@ -149,9 +120,10 @@ def trajectory_of(ctx: StudyContext, name: str) -> list[dict[str, Any]]:
     """Cached ``[{step, stable_rank, fro_norm, sim_k, hill_alpha}]`` of run ``name``'s snapshots (Sim_K to the
     last one)."""
     from ...diagnostics import trajectory
+    from ...opd.checkpoint import snapshot_paths
 
     def fn() -> dict[str, Any]:
-        snaps = snapshots(ctx.artifact_dir(name) / "checkpoints")
+        snaps = snapshot_paths(ctx.artifact_dir(name) / "checkpoints")
         res = trajectory(ctx.student_path(), [p for _, p in snaps], labels=[str(s) for s, _ in snaps], k=SIM_K,
                          device="cpu", progress=False)  # fmt: skip
         keys = ("stable_rank", "fro_norm", "sim_k", "hill_alpha")

@@ -22,10 +22,10 @@ import statistics as st
 from typing import Any
 
 from .core import RenderInfo, Section, StudyContext, json_roundtrip
-from .predictors_report import outcome, plot_predictors, render
+from .predictors_report import plot_predictors, render
 
-__all__ = ["DENSITY", "DENSITY_HI", "RETRAIN_ALL", "RETRAIN_ONE", "final_mask", "outcome", "predictor_masks", "render",
-           "retrain", "run"]  # fmt: skip
+__all__ = ["DENSITY", "DENSITY_HI", "RETRAIN_ALL", "RETRAIN_ONE", "final_mask", "predictor_masks", "render", "retrain",
+           "run"]  # fmt: skip
 
 DENSITY, DENSITY_HI = 0.20, 0.45
 EARLY = (0.05, 0.10, 0.20)  # shares of the run

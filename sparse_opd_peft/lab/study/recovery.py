@@ -133,7 +133,7 @@ def seed_masks(ctx: StudyContext, seed: int) -> dict[str, Any]:
     from ...masks import mask_from_checkpoints, random_like
 
     _, final = ctx.full_opd(seed)
-    src, anchor = ctx.student_path(), ctx.world.load_student()
+    src, anchor = ctx.student_path(), ctx.world.student  # read only: the magnitudes of the low-magnitude masks
     masks = {"bf16": mask_from_checkpoints(src, final, rule="bf16_visible")}
     for d in DENSITIES:
         top = mask_from_checkpoints(src, final, rule="topk", density=d)
@@ -183,8 +183,7 @@ def run_arm(ctx: StudyContext, arm: dict[str, Any], seed: int, shapes: dict[str,
 
 def main_table(ctx: StudyContext) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Run every (row, seed); returns the rows with accuracies, curves, steps-to-target and mask statistics."""
-    anchor = ctx.world.load_student()
-    shapes = block_linears(anchor)
+    shapes = block_linears(ctx.world.student)
     total = sum(o * i for o, i in shapes.values())
     start = (0, anchor_curve_acc(ctx))
     stats = {}

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .core import RenderInfo, Section, StudyContext, json_roundtrip, mean_std
-from .recovery import block_linears, block_only_student, curve_of, curve_settings, fmt_steps, mean_curve, pct, steps_to
+from .core import RenderInfo, Section, StudyContext, block_linears, json_roundtrip, mean_std
+from .recovery import block_only_student, curve_of, curve_settings, fmt_steps, mean_curve, pct, steps_to
 
 RANKS = (16, 4)  # the paper's rank at config.seeds, then a smaller one at SECONDARY_SEEDS
 SECONDARY_SEEDS = 1
@@ -102,7 +102,7 @@ def continue_changes(ctx: StudyContext, method: str, seed: int) -> dict[str, Any
 
 def effective_rank(ctx: StudyContext, rank: int) -> int:
     """``rank`` clamped to the smallest min(out, in) of the block Linears (matters in the tiny world only)."""
-    return _clamp_rank(rank, block_linears(ctx.world.load_student()))
+    return _clamp_rank(rank, block_linears(ctx.world.student))
 
 
 def _clamp_rank(rank: int, shapes: dict[str, tuple[int, int]]) -> int:

@@ -57,10 +57,13 @@ class ModelSpec:
             raise ValueError(f"{what}.lr must be a finite number > 0, got {self.lr}")
 
 
-def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> Qwen3ForCausalLM:
+def build_model(
+    spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int, *, max_position_embeddings: int = 64
+) -> Qwen3ForCausalLM:
     """A freshly initialised float32 ``Qwen3ForCausalLM`` for ``spec``, deterministic in ``seed``.
 
-    The global torch RNG is forked, so the caller's RNG state is unchanged.
+    The global torch RNG is forked, so the caller's RNG state is unchanged. ``max_position_embeddings`` (64 fits the
+    toy tasks) does not change the weights.
     """
     spec.validate()
     config = Qwen3Config(
@@ -71,7 +74,7 @@ def build_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int) 
         num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.num_kv_heads,
         head_dim=spec.head_dim,
-        max_position_embeddings=64,
+        max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
