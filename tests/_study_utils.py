@@ -3,11 +3,15 @@ section's PNGs, and a guard that a cached run recomputes nothing."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sparse_opd_peft.lab.study import StudyConfig
+
+# a verdict in the study's markdown: **reproduced**, **not reproduced**, **holds**, **fails**
+VERDICT = re.compile(r"\*\*(not reproduced|reproduced|holds|fails)\*\*")
 
 
 def tiny_config(root: Path, sections: tuple[str, ...], cache_dir: Path) -> StudyConfig:

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
-from _study_utils import check_plots, forbid, numbers, tiny_config
+from _study_utils import VERDICT, check_plots, forbid, numbers, tiny_config
 
 from sparse_opd_peft.lab.study import StudyConfig, StudyContext, controls, geometry, render_study, run_study
 from sparse_opd_peft.lab.study.geometry_claims import (
@@ -27,8 +26,6 @@ from sparse_opd_peft.lab.study.geometry_claims import (
     rotation_ordered,
 )
 from sparse_opd_peft.opd.checkpoint import snapshot_paths
-
-VERDICT = re.compile(r"\*\*(not reproduced|reproduced|holds|fails)\*\*")
 
 
 def _config(root: Path, cache: Path) -> StudyConfig:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 from pathlib import Path
 
 import pytest
+from _study_utils import VERDICT
 
 from sparse_opd_peft.lab.study import RenderInfo, StudyConfig, controls, predictors_report, recovery, subspace
 from sparse_opd_peft.lab.study.geometry_claims import (
@@ -27,7 +27,6 @@ from sparse_opd_peft.lab.study.geometry_claims import (
 )
 from sparse_opd_peft.lab.study.recovery_extra import low_lr_md, sgd_md
 
-VERDICT = re.compile(r"\*\*(not reproduced|reproduced|holds|fails)\*\*")
 STUDY_JSON = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "study.json"
 
 
